@@ -1,0 +1,38 @@
+"""zoo: LLaMA-family models in JAX/Flax, with converters and a trainer.
+
+    import zoo
+    model = zoo.load("path/to/checkpoint")   # a zoo or HF transformers directory
+    logits = model.logits(tokens)            # float32 numpy [batch, length, vocab]
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def load(path: str, dtype=None, param_dtype=None, **model_kwargs):
+  """The model stored at `path` (a zoo checkpoint or an HF model directory; format detected).
+
+  dtype is the compute dtype ("float32", "bfloat16"...; default float32); param_dtype the
+  parameters' dtype in memory (default: dtype). Returns a `zoo.models.llama.Llama` with
+  `.config` and `.logits(tokens)`.
+  """
+  from zoo.convert.checkpoint import Checkpoint
+  from zoo.models.llama import from_params
+  ckpt = Checkpoint(path)
+  dtype = dtype or "float32"
+  return from_params(ckpt.config, ckpt.params(), dtype=dtype, param_dtype=param_dtype or dtype,
+                     **model_kwargs)
+
+
+def save(model, path: str, *, dtype: str | None = None, force: bool = False):
+  """Writes `model` as a zoo checkpoint at `path` (parameters in their dtype, or `dtype`)."""
+  import numpy as np
+
+  from zoo.convert.checkpoint import save_params
+  from zoo.models.llama import params_of
+  params = {name: np.asarray(value) for name, value in params_of(model).items()}
+  save_params(model.config, params, path, force=force, dtype=dtype)
+
+
+__all__ = ["load", "save", "__version__"]

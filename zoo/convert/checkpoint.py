@@ -1,0 +1,243 @@
+"""Checkpoint directories on disk: format detection, validation, streaming conversion, loading.
+
+Formats:
+- "hf": an HF transformers directory (config.json + safetensors or .bin weights);
+- "zoo": zoo's own (zoo.json + safetensors holding the model's parameter tree under its own
+  dotted paths, kernels [in, out], Mixtral experts stacked).
+
+A conversion holds one tensor at a time (plus, for .bin input, the one .bin file being read) and
+writes into a temporary directory that is renamed into place only when complete. Everything that
+can be checked from the file headers (missing, unexpected and misshapen tensors) is checked before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+
+from zoo.convert import hf
+from zoo.convert.tensors import (WEIGHT_SUFFIXES, ShardedWriter, TensorSource, numpy_dtype,
+                                 weight_files, write_json)
+from zoo.errors import ZooError
+from zoo.models.config import LlamaConfig
+
+ZOO_META = "zoo.json"
+ZOO_FORMAT_VERSION = 1
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+FORMATS = ("zoo", "hf")
+
+
+def detect_format(path: str) -> str:
+  if not os.path.exists(path):
+    raise ZooError(f"{path} does not exist")
+  if not os.path.isdir(path):
+    raise ZooError(f"{path} is not a checkpoint directory")
+  if os.path.exists(os.path.join(path, ZOO_META)):
+    return "zoo"
+  if os.path.exists(os.path.join(path, "config.json")):
+    return "hf"
+  raise ZooError(f"{path} is not a checkpoint: it has neither {ZOO_META} nor config.json")
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ZooError(f"cannot read {path}: {e}") from None
+  if not isinstance(data, dict):
+    raise ZooError(f"{path} does not hold a JSON object")
+  return data
+
+
+def _side_files(directory: str, skip: set[str]) -> list[str]:
+  """Top-level files that travel with the weights: tokenizer, generation config, license..."""
+  out = []
+  for name in sorted(os.listdir(directory)):
+    path = os.path.join(directory, name)
+    if (os.path.isfile(path) and not name.startswith(".") and name not in skip
+        and not name.endswith(WEIGHT_SUFFIXES) and not name.endswith(".index.json")):
+      out.append(path)
+  return out
+
+
+class Checkpoint:
+  """An opened, validated checkpoint: its config and its tensors, read on demand."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.format = detect_format(path)
+    if self.format == "hf":
+      self.config = hf.config_from_hf(_read_json(os.path.join(path, "config.json")))
+      self.source = TensorSource(weight_files(path, "model"))
+      self.side_files = _side_files(path, {"config.json"})
+    else:
+      meta = _read_json(os.path.join(path, ZOO_META))
+      if meta.get("format") != "zoo" or "config" not in meta:
+        raise ZooError(f"{os.path.join(path, ZOO_META)} is not a zoo checkpoint description")
+      self.config = LlamaConfig.from_dict(meta["config"])
+      self.source = TensorSource(weight_files(path, "model"))
+      self.side_files = _side_files(path, {ZOO_META})
+    self._validate()
+
+  def _validate(self):
+    infos = self.source.infos
+    if self.format == "hf":
+      expected = {e.hf: e.hf_shape for e in hf.weight_map(self.config)}
+      ignorable = lambda n: hf.ignorable_hf_tensor(n, self.config)  # noqa: E731
+    else:
+      expected = hf.zoo_shapes(self.config)
+      ignorable = lambda n: False  # noqa: E731
+    for name, info in infos.items():
+      if name not in expected:
+        if ignorable(name):
+          continue
+        raise ZooError(f"{info.file} has tensor {name}, which a {self.config.family} model "
+                       "with this config does not have")
+      if info.shape != expected[name]:
+        raise ZooError(f"tensor {name} in {info.file} has shape {info.shape}, but config "
+                       f"implies {expected[name]}")
+    for name in expected:
+      if name not in infos:
+        raise ZooError(f"checkpoint {self.path} is missing tensor {name}")
+
+  def zoo_dtypes(self) -> dict[str, np.dtype]:
+    """zoo name -> the dtype it is stored in here."""
+    infos = self.source.infos
+    if self.format == "zoo":
+      return {name: info.dtype for name, info in infos.items()}
+    return {e.zoo: infos[e.hf].dtype for e in hf.weight_map(self.config)}
+
+  def stream(self, split_experts: bool) -> Iterator[tuple[str, int | None, np.ndarray]]:
+    """(zoo name, expert slice or None, array) in file order, one tensor in memory at a time."""
+    if self.format == "hf":
+      entries = {e.hf: e for e in hf.weight_map(self.config)}
+      for name in self.source:
+        if name in entries:
+          e = entries[name]
+          array = self.source.read(name)
+          yield e.zoo, e.expert, (array.T if e.transpose else array)
+      return
+    stacked = {e.zoo for e in hf.weight_map(self.config) if e.expert is not None}
+    for name in self.source:
+      if split_experts and name in stacked:
+        for i in range(self.config.num_experts):
+          yield name, i, self.source.read(name, i)
+      else:
+        yield name, None, self.source.read(name)
+
+  def params(self) -> dict[str, np.ndarray]:
+    """The whole parameter tree in memory (zoo names), for loading a model."""
+    out = {}
+    shapes = hf.zoo_shapes(self.config)
+    dtypes = self.zoo_dtypes()
+    for name, expert, array in self.stream(split_experts=False):
+      if expert is None:
+        out[name] = array
+      else:
+        if name not in out:
+          out[name] = np.empty(shapes[name], dtype=dtypes[name])
+        out[name][expert] = array
+    return out
+
+
+@contextlib.contextmanager
+def staged_output(dst: str, force: bool):
+  """A temporary directory beside `dst`, renamed to `dst` only if the block succeeds."""
+  dst = os.path.abspath(dst)
+  if os.path.lexists(dst) and not force:
+    raise ZooError(f"{dst} already exists (pass --force to replace it)")
+  parent = os.path.dirname(dst)
+  if not os.path.isdir(parent):
+    raise ZooError(f"cannot write {dst}: directory {parent} does not exist")
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.lexists(dst):
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
+    os.rename(dst, os.path.join(old, "replaced"))
+    os.rename(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.rename(tmp, dst)
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+  return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
+    np.dtype(dtype).name, "float32")
+
+
+def write_zoo_meta(directory: str, config: LlamaConfig):
+  write_json(os.path.join(directory, ZOO_META),
+             {"format": "zoo", "format_version": ZOO_FORMAT_VERSION, "config": config.to_dict()})
+
+
+def write_checkpoint(ckpt: Checkpoint, out_dir: str, to: str, dtype: str | None = None,
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+  """Writes `ckpt` into the existing empty directory `out_dir` in format `to`."""
+  config = ckpt.config
+  cast = numpy_dtype(dtype) if dtype else None
+  dtypes = ckpt.zoo_dtypes()
+  if to == "zoo":
+    plan = [(name, cast or dtypes[name], shape) for name, shape in hf.zoo_shapes(config).items()]
+    writer = ShardedWriter(out_dir, plan, max_shard_bytes)
+    for name, expert, array in ckpt.stream(split_experts=False):
+      writer.write(name, array, expert)
+    write_zoo_meta(out_dir, config)
+  elif to == "hf":
+    entries = hf.weight_map(config)
+    hf_config = hf.config_to_hf(config, _dtype_name(cast or dtypes[entries[0].zoo]))
+    plan = [(e.hf, cast or dtypes[e.zoo], e.hf_shape) for e in entries]
+    writer = ShardedWriter(out_dir, plan, max_shard_bytes)
+    by_zoo = {(e.zoo, e.expert): e for e in entries}
+    for name, expert, array in ckpt.stream(split_experts=True):
+      e = by_zoo[(name, expert)]
+      writer.write(e.hf, array.T if e.transpose else array)
+    write_json(os.path.join(out_dir, "config.json"), hf_config)
+  else:
+    raise ZooError(f"unknown output format {to!r}; use one of {', '.join(FORMATS)}")
+  writer.close()
+  for path in ckpt.side_files:
+    shutil.copy2(path, os.path.join(out_dir, os.path.basename(path)))
+
+
+def convert(src: str, dst: str, to: str, dtype: str | None = None, force: bool = False,
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Checkpoint:
+  """Converts the checkpoint at `src` (format detected) to format `to` at `dst`."""
+  if to not in FORMATS:
+    raise ZooError(f"unknown output format {to!r}; use one of {', '.join(FORMATS)}")
+  if dtype is not None:
+    numpy_dtype(dtype)
+  ckpt = Checkpoint(src)
+  if os.path.abspath(src) == os.path.abspath(dst):
+    raise ZooError("source and destination are the same path")
+  with staged_output(dst, force) as tmp:
+    write_checkpoint(ckpt, tmp, to, dtype, max_shard_bytes)
+  return ckpt
+
+
+def save_params(config: LlamaConfig, params: dict[str, np.ndarray], dst: str, *,
+                force: bool = False, dtype: str | None = None,
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+  """Writes an in-memory parameter tree (zoo names) as a zoo checkpoint."""
+  shapes = hf.zoo_shapes(config)
+  if set(shapes) != set(params):
+    raise ZooError(f"parameters do not match the config: {sorted(set(shapes) ^ set(params))[:3]}")
+  cast = numpy_dtype(dtype) if dtype else None
+  with staged_output(dst, force) as tmp:
+    plan = [(n, cast or np.asarray(params[n]).dtype, shapes[n]) for n in shapes]
+    writer = ShardedWriter(tmp, plan, max_shard_bytes)
+    for name in shapes:
+      writer.write(name, np.asarray(params[name]))
+    writer.close()
+    write_zoo_meta(tmp, config)

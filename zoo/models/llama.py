@@ -1,0 +1,165 @@
+"""The LLaMA-family decoder in Flax NNX.
+
+One implementation serves LLaMA 1/2/3.x, CodeLlama, TinyLlama, Mistral (sliding window), Qwen2
+(q/k/v bias) and Mixtral (sparse MoE); `LlamaConfig` (zoo/models/config.py) says which parts are
+on, and `zoo/models/presets.py` holds the public sizes. Parameter paths follow HF without the
+`model.` prefix (`layers.0.self_attn.q_proj.kernel`), so conversion is a table plus transposes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zoo.errors import ZooError
+from zoo.layers.attention import Attention
+from zoo.layers.linear import Embed, Linear
+from zoo.layers.mlp import MLP
+from zoo.layers.moe import SparseMoE
+from zoo.layers.norm import RMSNorm
+from zoo.layers.rope import rope_cos_sin
+from zoo.models.config import LlamaConfig, RopeScaling
+from zoo.models.presets import PRESETS, get_preset
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(dtype):
+  """A JAX dtype from a name ('bfloat16') or a dtype; None stays None."""
+  if dtype is None or not isinstance(dtype, str):
+    return dtype
+  if dtype not in DTYPES:
+    raise ZooError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+  return DTYPES[dtype]
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, config: LlamaConfig, layer: int, *, dtype, param_dtype,
+               attention_impl=None, moe_impl="ragged", rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs, **kw)
+    self.self_attn = Attention(config, layer, implementation=attention_impl, rngs=rngs, **kw)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs,
+                                            **kw)
+    if config.num_experts:
+      self.block_sparse_moe = SparseMoE(config, implementation=moe_impl, rngs=rngs, **kw)
+    else:
+      self.mlp = MLP(config, rngs=rngs, **kw)
+
+  def __call__(self, x, cos, sin, segment_ids=None):
+    x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
+    ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+    return x + ffn(self.post_attention_layernorm(x))
+
+
+class Llama(nnx.Module):
+  """A causal language model: tokens [B, T] -> logits [B, T, vocab].
+
+  `dtype` is the compute dtype and `param_dtype` the storage dtype of the parameters, chosen
+  separately (f32 params with bf16 compute, or bf16 everywhere).
+  """
+
+  def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               attention_impl=None, moe_impl="ragged", rngs: nnx.Rngs):
+    dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
+    self.config = config
+    self.dtype = dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.embed_tokens = Embed(config.vocab_size, config.hidden_size,
+                              std=config.initializer_range, rngs=rngs, **kw)
+    self.layers = nnx.List([
+        DecoderLayer(config, i, attention_impl=attention_impl, moe_impl=moe_impl, rngs=rngs, **kw)
+        for i in range(config.num_layers)])
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs, **kw)
+    if not config.tie_word_embeddings:
+      self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"),
+                            std=config.initializer_range, rngs=rngs, **kw)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    """Logits [B, T, vocab] in the compute dtype.
+
+    positions: [B, T] token positions (default 0..T-1); for packed rows they restart at each
+    document. segment_ids: [B, T] document ids; attention never crosses a document boundary.
+    """
+    _, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
+    cos, sin = rope_cos_sin(self.config, positions, self.dtype)
+    x = self.embed_tokens(tokens)  # [B, T, D]
+    for layer in self.layers:
+      x = layer(x, cos, sin, segment_ids)
+    x = self.norm(x)
+    if self.config.tie_word_embeddings:
+      return self.embed_tokens.attend(x)
+    return self.lm_head(x)
+
+  def logits(self, tokens) -> np.ndarray:
+    """float32 logits [B, T, vocab] as a numpy array, for int tokens [B, T]."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+      raise ZooError(f"tokens must be an integer array [batch, length], got {tokens.dtype} "
+                     f"{tokens.shape}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+      raise ZooError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+    if tokens.shape[1] > self.config.max_position_embeddings:
+      raise ZooError(f"sequence length {tokens.shape[1]} exceeds the model's maximum of "
+                     f"{self.config.max_position_embeddings}")
+    return np.asarray(_logits_f32(self, jnp.asarray(tokens, jnp.int32)))
+
+
+@nnx.jit
+def _logits_f32(model: Llama, tokens):
+  return model(tokens).astype(jnp.float32)
+
+
+def abstract_model(config: LlamaConfig, **kwargs) -> Llama:
+  """The model with shape-only parameters: no memory, no compute; for loading and sharding."""
+  return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), **kwargs))
+
+
+def param_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """Dotted parameter path -> shape, straight from the module tree."""
+  _, state = nnx.split(abstract_model(config))
+  return {".".join(map(str, path)): tuple(v.shape) for path, v in nnx.to_flat_state(state)}
+
+
+def from_params(config: LlamaConfig, params: dict[str, np.ndarray], *, dtype=jnp.float32,
+                param_dtype=None, **kwargs) -> Llama:
+  """A model whose parameters are `params` (dotted path -> array), cast to `param_dtype`.
+
+  param_dtype None keeps each array's own dtype.
+  """
+  model = abstract_model(config, dtype=dtype, param_dtype=param_dtype or jnp.float32, **kwargs)
+  graphdef, state = nnx.split(model)
+  flat = nnx.to_flat_state(state)
+  missing = []
+  for path, var in flat:
+    name = ".".join(map(str, path))
+    if name not in params:
+      missing.append(name)
+      continue
+    value = params[name]
+    if tuple(value.shape) != tuple(var.shape):
+      raise ZooError(f"parameter {name} has shape {tuple(value.shape)}, expected "
+                     f"{tuple(var.shape)}")
+    var.set_value(jnp.asarray(value, dtype=as_dtype(param_dtype) or value.dtype))
+  if missing:
+    raise ZooError(f"checkpoint is missing parameter {missing[0]}")
+  extra = sorted(set(params) - {".".join(map(str, p)) for p, _ in flat})
+  if extra:
+    raise ZooError(f"checkpoint has unexpected parameter {extra[0]}")
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def params_of(model: Llama) -> dict[str, jax.Array]:
+  """Dotted parameter path -> array."""
+  _, state = nnx.split(model)
+  return {".".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(state)}
+
+
+__all__ = ["Llama", "LlamaConfig", "RopeScaling", "PRESETS", "get_preset", "abstract_model",
+           "param_shapes", "from_params", "params_of", "as_dtype"]
