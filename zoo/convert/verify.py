@@ -7,29 +7,36 @@ import numpy as np
 from zoo.errors import ZooError
 
 
-def transformers_logits(hf_dir: str, tokens: np.ndarray) -> np.ndarray:
-  """float32 logits of the HF checkpoint at `hf_dir`, computed by transformers in float32."""
+def transformers_logits(hf_dir: str, tokens: np.ndarray, weights_dtype: str = "float32"
+                        ) -> np.ndarray:
+  """float32 logits of the HF checkpoint at `hf_dir`, computed by transformers in float32 from
+  weights rounded to `weights_dtype`."""
   try:
     import torch
     from transformers import AutoModelForCausalLM
   except ImportError:
     raise ZooError("--verify needs torch and transformers: pip install 'zoo[test]'") from None
-  model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-  model.eval()
+  model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, weights_dtype))
+  model.float().eval()
   with torch.no_grad():
     return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
 
 
-def compare(hf_dir: str, zoo_path: str, *, batch: int = 3, length: int = 64, seed: int = 0,
-            tolerance: float = 1e-4) -> tuple[float, float]:
-  """Max |logit difference| between transformers on `hf_dir` and zoo on `zoo_path` (float32),
-  and the allowed difference: `tolerance` times the logits' scale (at least 1)."""
+def compare(hf_dir: str, zoo_path: str, *, weights_dtype: str | None = None, batch: int = 3,
+            length: int = 64, seed: int = 0, tolerance: float = 1e-4) -> tuple[float, float]:
+  """Max |logit difference| between transformers on `hf_dir` and zoo on `zoo_path`, and the
+  allowed difference: `tolerance` times the logits' scale (at least 1).
+
+  Both compute in float32; with `weights_dtype` (a conversion that cast the weights) both first
+  round their weights to it, so that the comparison measures the conversion, not the cast.
+  """
   import zoo
-  model = zoo.load(zoo_path)
+  weights_dtype = weights_dtype or "float32"
+  model = zoo.load(zoo_path, dtype="float32", param_dtype=weights_dtype)
   length = min(length, model.config.max_position_embeddings)
   tokens = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, length))
   ours = model.logits(tokens)
-  ref = transformers_logits(hf_dir, tokens)
+  ref = transformers_logits(hf_dir, tokens, weights_dtype)
   if ref.shape != ours.shape:
     raise ZooError(f"logit shapes differ: transformers {ref.shape}, zoo {ours.shape}")
   return float(np.max(np.abs(ours - ref))), tolerance * max(1.0, float(np.max(np.abs(ref))))

@@ -105,7 +105,8 @@ class Llama(nnx.Module):
                      f"{tokens.shape}")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
       raise ZooError(f"token ids must be in 0..{self.config.vocab_size - 1}")
-    if tokens.shape[1] > self.config.max_position_embeddings:
+    dynamic = self.config.rope_scaling and self.config.rope_scaling.rope_type == "dynamic"
+    if tokens.shape[1] > self.config.max_position_embeddings and not dynamic:
       raise ZooError(f"sequence length {tokens.shape[1]} exceeds the model's maximum of "
                      f"{self.config.max_position_embeddings}")
     return np.asarray(_logits_f32(self, jnp.asarray(tokens, jnp.int32)))

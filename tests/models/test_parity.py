@@ -1,0 +1,77 @@
+"""zoo.load(hf_dir).logits(x) against transformers' logits for every supported variant."""
+
+import numpy as np
+import pytest
+
+import zoo
+from tests.conftest import hf_logits, hf_model, tokens
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 2.0,
+               "high_freq_factor": 8.0, "original_max_position_embeddings": 32}
+
+VARIANTS = {
+  # name: (family, config overrides, sequence length)
+  "llama2_mha": ("llama", dict(num_key_value_heads=4), 40),
+  "llama_gqa": ("llama", dict(), 40),
+  "llama_mqa": ("llama", dict(num_key_value_heads=1), 40),
+  "llama_head_dim_32": ("llama", dict(head_dim=32), 40),
+  "llama_bias": ("llama", dict(attention_bias=True, mlp_bias=True), 24),
+  "llama3_rope_scaling": ("llama", dict(rope_theta=500000.0, rope_parameters={
+      "rope_theta": 500000.0, **LLAMA3_ROPE}), 96),
+  "llama3_2_tied": ("llama", dict(tie_word_embeddings=True, rope_parameters={
+      "rope_theta": 500000.0, **LLAMA3_ROPE, "factor": 32.0}), 48),
+  "codellama_theta": ("llama", dict(rope_parameters={"rope_type": "default",
+                                                     "rope_theta": 1e6}), 40),
+  "linear_rope": ("llama", dict(rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                 "rope_theta": 10000.0}), 40),
+  "dynamic_rope_within": ("llama", dict(max_position_embeddings=64, rope_parameters={
+      "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}), 40),
+  "dynamic_rope_beyond": ("llama", dict(max_position_embeddings=32, rope_parameters={
+      "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}), 80),
+  "yarn_rope": ("qwen2", dict(rope_parameters={
+      "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+      "rope_theta": 1e6}), 96),
+  "qwen2_bias_tied": ("qwen2", dict(tie_word_embeddings=True), 40),
+  "qwen2_sliding_some_layers": ("qwen2", dict(use_sliding_window=True, sliding_window=8,
+                                              max_window_layers=1), 40),
+  "mistral_sliding_window": ("mistral", dict(sliding_window=8), 40),
+  "mistral_no_window_head_dim": ("mistral", dict(sliding_window=None, head_dim=24), 40),
+  "mixtral_top2": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2), 40),
+  "mixtral_top1_window": ("mixtral", dict(num_local_experts=3, num_experts_per_tok=1,
+                                          sliding_window=8), 40),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_logits_match_transformers(variant, save_hf):
+  family, overrides, length = VARIANTS[variant]
+  ref_model = hf_model(family, **overrides)
+  x = tokens(length=length)
+  ref = hf_logits(ref_model, x)
+  ours = zoo.load(save_hf(ref_model)).logits(x)
+  assert ours.dtype == np.float32 and ours.shape == ref.shape
+  assert np.abs(ref).max() > 1.0  # logits of a real size, so the bound below means something
+  np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("impl", ["ragged", "dense"])
+def test_mixtral_routing_matches_transformers(impl, save_hf):
+  """Both expert implementations route exactly like transformers, including which experts win."""
+  ref_model = hf_model("mixtral", num_local_experts=8, num_experts_per_tok=2)
+  x = tokens(length=32)
+  ours = zoo.load(save_hf(ref_model), moe_impl=impl).logits(x)
+  np.testing.assert_allclose(ours, hf_logits(ref_model, x), atol=1e-4, rtol=0)
+
+
+def test_bfloat16_compute_tracks_float32(save_hf):
+  """f32 params with bf16 compute, and bf16 everywhere, stay near the f32 logits."""
+  path = save_hf(hf_model("llama"))
+  x = tokens(length=32)
+  exact = zoo.load(path).logits(x)
+  for param_dtype in ("float32", "bfloat16"):
+    model = zoo.load(path, dtype="bfloat16", param_dtype=param_dtype)
+    leaf = model.layers[0].self_attn.q_proj.kernel
+    assert leaf[...].dtype.name == param_dtype
+    approx = model.logits(x)
+    err = np.abs(approx - exact).max() / np.abs(exact).max()
+    assert 0 < err < 0.05, err
