@@ -2,8 +2,8 @@
 
     python tools/bench.py convert [--size-mb 1000] [--shards 4] [--workdir DIR] [--keep]
 
-Human-readable lines first; the last line of output is always one JSON object with the results,
-so that scripts can read it with `tail -n 1`. MB means MiB (2**20 bytes) throughout.
+Human-readable lines first; the last line of a successful run is one JSON object with the
+results, so that scripts can read it with `tail -n 1`. MB means MiB (2**20 bytes) throughout.
 
 New modes (train, lora...) go into MODES: a function that adds the mode's options to its
 sub-parser and a function that runs it and returns the result dict.
