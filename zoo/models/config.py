@@ -118,6 +118,10 @@ class LlamaConfig:
     return self.sliding_window
 
   def replace(self, **changes) -> "LlamaConfig":
+    """A copy with `changes`; a head_dim that was derived is derived again from the new sizes."""
+    derived = self.head_dim == self.hidden_size // self.num_heads
+    if derived and "head_dim" not in changes and {"hidden_size", "num_heads"} & set(changes):
+      changes["head_dim"] = None
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
