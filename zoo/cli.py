@@ -1,5 +1,6 @@
 """The `zoo` command line.
 
+    zoo train [--config configs/NAME.py[:ARGS]] [--workdir DIR] [--config.FIELD=VALUE ...]
     zoo convert SRC DST --to {zoo,hf} [--dtype bfloat16] [--verify] [--force]
     zoo init PRESET DST [--to zoo|hf] [--seed 0]
     zoo presets
@@ -141,10 +142,66 @@ def cmd_demo(args) -> int:
   return verify(hf_dir, zoo_dir, 1e-4)
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config_path(value: str) -> str:
+  """configs/NAME.py[:ARGS], found in the working directory or else beside the zoo package."""
+  path, sep, arg = value.partition(":")
+  if not os.path.exists(path) and os.path.exists(os.path.join(REPO_ROOT, path)):
+    path = os.path.join(REPO_ROOT, path)
+  if not os.path.isfile(path):
+    raise ZooError(f"config file {path} does not exist")
+  return path + sep + arg
+
+
+def train_main(argv: list[str]) -> int:
+  """`zoo train`: ml_collections config files with --config.FIELD=VALUE overrides (locked)."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      argv[i] = "--config=" + _config_path(arg.split("=", 1)[1])
+    elif arg == "--config" and i + 1 < len(argv):
+      argv[i + 1] = _config_path(argv[i + 1])
+  if not any(a == "--config" or a.startswith("--config=") for a in argv):
+    argv.insert(0, "--config=" + _config_path("configs/default.py"))
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "training config file", flag_values=fv,
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "run directory (default runs/CONFIG_NAME)",
+                      flag_values=fv)
+  try:
+    fv(["zoo train", *argv])
+  except (flags.Error, ZooError) as e:
+    raise ZooError(f"train: {str(e).splitlines()[0]}") from None
+  except Exception as e:  # errors raised inside a config file's get_config
+    raise ZooError(f"train: cannot load the config: {str(e).splitlines()[0]}") from None
+  config = fv.config
+  name = os.path.splitext(os.path.basename(fv["config"].config_filename))[0]
+  workdir = fv.workdir or os.path.join("runs", name)
+  from zoo.train.loop import train
+  summary = train(config, workdir)
+  if "stopped_by" in summary:
+    return 0
+  print(f"trained {summary['step']} steps in {workdir}")
+  if "first_eval_loss" in summary:
+    print(f"eval loss: {summary['first_eval_loss']:.3f} (first eval) -> "
+          f"{summary['eval_loss']:.3f} (last)")
+  if "sample" in summary:
+    print(f"sample: {summary['sample']!r}")
+  for key in ("checkpoints", "model", "tensorboard", "plot", "metrics"):
+    if key in summary:
+      print(f"{key:12s}{summary[key]}")
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = _Parser(prog="zoo", description="LLaMA-family models in JAX/Flax.")
   p.add_argument("--version", action="version", version=f"zoo {__import__('zoo').__version__}")
   sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
+  sub.add_parser("train", help="train or fine-tune (zoo train --help for its flags)")
 
   c = sub.add_parser("convert", help="convert a checkpoint between formats")
   c.add_argument("src", help="source checkpoint directory (format detected)")
@@ -182,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
   try:
+    if argv[:1] == ["train"]:
+      return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
   except ZooError as e:

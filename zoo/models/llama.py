@@ -22,8 +22,16 @@ from zoo.layers.norm import RMSNorm
 from zoo.layers.rope import rope_cos_sin
 from zoo.models.config import LlamaConfig, RopeScaling
 from zoo.models.presets import PRESETS, get_preset
+from zoo.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# What a rematerialised decoder layer keeps for the backward pass.
+REMAT_POLICIES = {
+  "none": None,  # no remat: keep everything
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def as_dtype(dtype):
@@ -63,10 +71,13 @@ class Llama(nnx.Module):
   """
 
   def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention_impl=None, moe_impl="ragged", rngs: nnx.Rngs):
+               attention_impl=None, moe_impl="ragged", remat="none", rngs: nnx.Rngs):
     dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
+    if remat not in REMAT_POLICIES:
+      raise ZooError(f"unknown remat policy {remat!r}; use one of {', '.join(REMAT_POLICIES)}")
     self.config = config
     self.dtype = dtype
+    self.remat = remat
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.embed_tokens = Embed(config.vocab_size, config.hidden_size,
                               std=config.initializer_range, rngs=rngs, **kw)
@@ -89,13 +100,18 @@ class Llama(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
     cos, sin = rope_cos_sin(self.config, positions, self.dtype)
-    x = self.embed_tokens(tokens)  # [B, T, D]
+    x = constrain(self.embed_tokens(tokens), ("batch", "length", "embed"))  # [B, T, D]
+    run = _apply_layer
+    if self.remat != "none":
+      run = nnx.remat(_apply_layer, policy=REMAT_POLICIES[self.remat])
     for layer in self.layers:
-      x = layer(x, cos, sin, segment_ids)
+      x = constrain(run(layer, x, cos, sin, segment_ids), ("batch", "length", "embed"))
     x = self.norm(x)
     if self.config.tie_word_embeddings:
-      return self.embed_tokens.attend(x)
-    return self.lm_head(x)
+      logits = self.embed_tokens.attend(x)
+    else:
+      logits = self.lm_head(x)
+    return constrain(logits, ("batch", "length", "vocab"))
 
   def logits(self, tokens) -> np.ndarray:
     """float32 logits [B, T, vocab] as a numpy array, for int tokens [B, T]."""
@@ -110,6 +126,10 @@ class Llama(nnx.Module):
       raise ZooError(f"sequence length {tokens.shape[1]} exceeds the model's maximum of "
                      f"{self.config.max_position_embeddings}")
     return np.asarray(_logits_f32(self, jnp.asarray(tokens, jnp.int32)))
+
+
+def _apply_layer(layer, x, cos, sin, segment_ids):
+  return layer(x, cos, sin, segment_ids)
 
 
 @nnx.jit

@@ -1,0 +1,27 @@
+"""Full fine-tuning of a converted checkpoint on local text or JSONL files.
+
+    zoo convert path/to/hf-model runs/base --to zoo
+    zoo train --config configs/finetune.py:init_from=runs/base,files=data/*.jsonl \
+        --workdir runs/finetune
+
+The model's config and tokenizer come from the checkpoint. `shrink` keeps the checkpoint but
+trains two short steps.
+"""
+
+from zoo.train.config import base_config, check_args, parse_arg, shrink
+
+
+def get_config(arg=None):
+  args = parse_arg(arg)
+  check_args(args, {"init_from", "files", "shrink"}, "finetune.py")
+  c = base_config()
+  c.init_from = args.get("init_from", "")
+  c.data.update(dict(source="files" if args.get("files") else "python_stdlib",
+                     files=args.get("files", ""), seq_len=512, batch_size=16))
+  c.optimizer.update(dict(lr=2e-5, weight_decay=0.0, warmup_steps=100, schedule="cosine"))
+  c.train.update(dict(steps=2000, log_every=10, eval_every=200, checkpoint_every=200))
+  if args.get("shrink"):
+    init_from, model = c.init_from, c.model
+    c = shrink(c)
+    c.init_from, c.model = init_from, model
+  return c

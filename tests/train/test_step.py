@@ -1,0 +1,145 @@
+"""The pure train step: the loss it optimises, accumulation, and sharding across meshes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from zoo import sharding
+from zoo.errors import ZooError
+from zoo.models.llama import Llama, abstract_model
+from zoo.models.presets import get_preset
+from zoo.train.step import batch_sums, make_train_step
+
+CONFIG = get_preset("tiny_llama", vocab_size=256, hidden_size=64, num_heads=8, num_kv_heads=8,
+                    intermediate_size=128, initializer_range=0.1)
+
+
+def random_batch(seed, batch=8, length=32, packed=True):
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, CONFIG.vocab_size, (batch, length)).astype(np.int32)
+  if packed:  # two documents a row, the second ending in padding
+    segment_ids = np.where(np.arange(length) < 12, 1, 2) * (np.arange(length) < 28)
+    positions = np.where(np.arange(length) < 12, np.arange(length), np.arange(length) - 12)
+  else:
+    segment_ids, positions = np.ones(length), np.arange(length)
+  weights = (segment_ids > 0) * rng.uniform(0.5, 1.0, (batch, length))
+  return {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1),
+          "positions": np.broadcast_to(positions, (batch, length)).astype(np.int32),
+          "segment_ids": np.broadcast_to(segment_ids, (batch, length)).astype(np.int32),
+          "weights": weights.astype(np.float32)}
+
+
+def init_params(seed=0):
+  return nnx.split(Llama(CONFIG, rngs=nnx.Rngs(seed)), nnx.Param)[1].to_pure_dict()
+
+
+def test_loss_is_weighted_cross_entropy_plus_z_loss():
+  graphdef = nnx.split(abstract_model(CONFIG))[0]
+  params, batch = init_params(), random_batch(0)
+  objective, (nll, weight) = batch_sums(graphdef, params, batch, z_loss=1e-3)
+  logits = nnx.merge(graphdef, params)(batch["tokens"], batch["positions"],
+                                       batch["segment_ids"])
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  w = batch["weights"]
+  np.testing.assert_allclose(nll, np.sum(ce * w), rtol=1e-6)
+  np.testing.assert_allclose(weight, w.sum(), rtol=1e-6)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  np.testing.assert_allclose(objective - nll, 1e-3 * np.sum(log_z ** 2 * w), rtol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  graphdef = nnx.split(abstract_model(CONFIG))[0]
+  # Plain SGD with lr 1, so the updated parameters show the accumulated gradient itself.
+  tx = optax.sgd(1.0)
+  schedule = optax.constant_schedule(1.0)
+  params = init_params()
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+           "rng": jnp.zeros(2, jnp.uint32)}
+  batch = random_batch(1)
+  one, m1 = jax.jit(make_train_step(graphdef, tx, schedule))(state, batch)
+  four, m4 = jax.jit(make_train_step(graphdef, tx, schedule, grad_accum=4))(state, batch)
+  np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+  np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(four["params"])):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  assert int(one["step"]) == 1
+
+
+def run_steps(mesh_shape, steps=5):
+  """Losses of `steps` AdamW steps on a mesh, jitted with explicit shardings like the loop."""
+  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  mesh = sharding.make_mesh(mesh_shape, devices=devices)
+  rules = sharding.DEFAULT_RULES
+  model = abstract_model(CONFIG)
+  graphdef = nnx.split(model)[0]
+  tx = optax.adamw(3e-3, weight_decay=0.1)
+  params_sh = sharding.param_shardings(model, mesh, rules)
+  rep = sharding.replicated(mesh)
+  params = jax.device_put(init_params(), params_sh)
+  opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), params_sh,
+                                 transform_non_params=lambda _: rep)
+  shardings = {"step": rep, "params": params_sh, "opt_state": opt_sh, "rng": rep}
+  state = {"step": jnp.zeros((), jnp.int32), "params": params,
+           "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params),
+           "rng": jnp.zeros(2, jnp.uint32)}
+  batch_sh = sharding.batch_sharding(mesh, rules)
+  step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(3e-3)),
+                 in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
+                 donate_argnums=0)
+  losses = []
+  with sharding.use(mesh, rules):
+    for i in range(steps):
+      batch = jax.device_put(random_batch(10 + i), batch_sh)
+      state, metrics = step(state, batch)
+      losses.append(float(metrics["loss"]))
+  return np.array(losses), state
+
+
+@pytest.fixture(scope="module")
+def single_device_losses():
+  return run_steps((1, 1, 1))[0]
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)])
+def test_losses_agree_across_meshes(mesh_shape, single_device_losses):
+  assert len(jax.devices()) == 8, "tests run with 8 host CPU devices (see tests/conftest.py)"
+  losses, state = run_steps(mesh_shape)
+  assert losses[-1] < losses[0]  # it trains
+  np.testing.assert_allclose(losses, single_device_losses, atol=1e-5, rtol=0)
+  # The parameters really are laid out as the rules table says.
+  kernel = state["params"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
+  embedding = state["params"]["embed_tokens"]["embedding"]
+  mu = state["opt_state"][0].mu["layers"][0]["self_attn"]["q_proj"]["kernel"]
+  data, fsdp, tensor = mesh_shape
+  assert kernel.sharding.spec == P("fsdp", "tensor") == mu.sharding.spec
+  assert kernel.addressable_shards[0].data.shape == (64 // fsdp, 64 // tensor)
+  assert mu.addressable_shards[0].data.shape == (64 // fsdp, 64 // tensor)
+  assert embedding.sharding.spec == P("tensor", "fsdp")
+  assert embedding.addressable_shards[0].data.shape == (256 // tensor, 64 // fsdp)
+
+
+def test_logical_to_spec_rules():
+  mesh = sharding.make_mesh((2, 2, 2))
+  rules = sharding.DEFAULT_RULES
+  assert sharding.logical_to_spec(("batch", "length"), rules) == P(("data", "fsdp"), None)
+  assert sharding.logical_to_spec(("embed", "mlp"), rules) == P("fsdp", "tensor")
+  # a dimension the mesh axis does not divide is replicated instead
+  assert sharding.logical_to_spec(("embed", "heads"), rules, mesh, (64, 3)) == P("fsdp", None)
+
+
+@pytest.mark.parametrize("shape,words", [((3, 1, 1), "needs 3 devices"),
+                                         ((-1, 3, 1), "does not divide 8"),
+                                         ((-1, -1, 1), "at most one -1")])
+def test_bad_meshes_are_refused(shape, words):
+  with pytest.raises(ZooError, match=words):
+    sharding.make_mesh(shape)
+
+
+def test_batch_must_divide_the_batch_axes():
+  mesh = sharding.make_mesh((4, 2, 1))
+  with pytest.raises(ZooError, match="not divisible by the 8 ways"):
+    sharding.local_batch_size(12, mesh, sharding.DEFAULT_RULES)

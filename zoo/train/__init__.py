@@ -1,0 +1,1 @@
+"""Training: a pure sharded train step, the loop around it, optimizers, checkpoints, metrics."""

@@ -1,0 +1,66 @@
+"""Training checkpoints with orbax: the train state, the data iterator and run metadata together.
+
+Saves are asynchronous (training goes on while the arrays are written) and atomic (orbax writes
+into a temporary directory and renames it), so a run killed at any moment leaves only complete
+checkpoints. Restore goes onto whatever shardings the caller asks for, so a checkpoint written on
+one mesh resumes on another. A checkpoint that fails to restore (damaged files) is reported and
+the previous one is used.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+    self.every = every
+    options = ocp.CheckpointManagerOptions(save_interval_steps=max(every, 1), max_to_keep=keep,
+                                           enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(directory, options=options,
+                                         item_names=("state", "data", "meta"))
+
+  def save(self, step: int, state: Any, data_iter, meta: dict, *, force: bool = False) -> bool:
+    """Saves if `step` is on the interval (or `force`); returns whether it started a save."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=grain.checkpoint.CheckpointSave(data_iter),
+                              meta=ocp.args.JsonSave(meta))
+    return self.manager.save(step, args=args, force=force)
+
+  def restore_latest(self, abstract_state: Any, data_iter) -> tuple[int, Any, dict] | None:
+    """(step, state, meta) from the newest checkpoint that restores, or None if there is none.
+
+    `abstract_state` holds jax.ShapeDtypeStructs with the target shardings; `data_iter` has its
+    position set in place.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                data=grain.checkpoint.CheckpointRestore(data_iter),
+                                meta=ocp.args.JsonRestore())
+      try:
+        restored = self.manager.restore(step, args=args)
+      except Exception as e:  # orbax and tensorstore raise many types for damaged files
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        print(f"zoo: checkpoint at step {step} is damaged and was skipped ({reason})",
+              file=sys.stderr)
+        if jax.process_index() == 0:
+          self.manager.delete(step)
+        continue
+      return step, restored.state, dict(restored.meta)
+    return None
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()

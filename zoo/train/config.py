@@ -1,0 +1,101 @@
+"""The training config: every field with its default, shared by the files in configs/.
+
+A config file's `get_config(arg)` starts from `base_config()` and changes what its experiment
+needs; `parse_arg` reads the `:ARGS` part of `--config configs/NAME.py:ARGS`, and `shrink`
+makes any config small enough to run a step on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from zoo.errors import ZooError
+from zoo.sharding import DEFAULT_RULES
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # The model: a preset and any LlamaConfig fields to override (vocab_size 0: the tokenizer's).
+  c.model = ml_collections.ConfigDict({"preset": "tiny_llama", "vocab_size": 0})
+  c.init_from = ""  # a zoo or HF checkpoint to fine-tune from (its config and tokenizer)
+  c.dtype = "float32"  # compute dtype
+  c.param_dtype = "float32"  # master parameters
+  c.remat = "none"  # none | full | dots | dots_no_batch
+  c.moe_impl = "ragged"
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="python_stdlib",  # python_stdlib | files | tfds
+      files="",  # comma-separated globs of .txt/.jsonl files, for source=files
+      tfds_name="",  # a prepared TFDS dataset, for source=tfds
+      text_key="text",
+      eval_fraction=0.02,
+      data_dir="",  # where datasets and tokenizers are built; default WORKDIR/data
+      tokenizer="",  # a tokenizer file or checkpoint dir; empty: train SentencePiece
+      vocab_size=2000,  # for a trained SentencePiece tokenizer
+      seq_len=128,
+      batch_size=8,  # global, over all processes
+      seed=0,
+      shuffle=True,
+      pack=True,
+      add_bos=True,
+      add_eos=True,
+      num_workers=0,
+  ))
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name="adamw", lr=3e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+      schedule="cosine", warmup_steps=20, min_lr_ratio=0.1, grad_clip=1.0,
+      decay_norms_and_biases=False,
+  ))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=100,
+      seed=0,
+      grad_accum=1,
+      z_loss=0.0,
+      log_every=10,
+      eval_every=50,
+      eval_batches=8,
+      checkpoint_every=50,
+      keep_checkpoints=2,
+      async_checkpoints=True,
+      peak_flops=0.0,  # the hardware's total FLOP/s for MFU; 0: measure a matmul here
+      sample_prompt="def ",
+      sample_tokens=48,
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = tuple(DEFAULT_RULES)
+  return c
+
+
+def parse_arg(arg: str | None) -> dict:
+  """'shrink,model=llama3_8b,rank=16' -> {'shrink': True, 'model': 'llama3_8b', 'rank': '16'}."""
+  out = {}
+  for part in filter(None, (arg or "").split(",")):
+    key, sep, value = part.partition("=")
+    out[key.strip()] = value.strip() if sep else True
+  return out
+
+
+def check_args(args: dict, allowed: set[str], config_name: str):
+  unknown = sorted(set(args) - allowed)
+  if unknown:
+    raise ZooError(f"{config_name} does not take argument {unknown[0]!r} "
+                   f"(it takes: {', '.join(sorted(allowed))})")
+
+
+def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same experiment at a size that runs a step in seconds on a CPU."""
+  c.model = ml_collections.ConfigDict({
+      "preset": c.model.preset, "vocab_size": 0, "hidden_size": 64, "intermediate_size": 128,
+      "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16})
+  c.data.seq_len = 64
+  c.data.batch_size = 8
+  c.data.vocab_size = 512
+  c.train.steps = 2
+  c.train.log_every = 1
+  c.train.eval_every = 2
+  c.train.eval_batches = 1
+  c.train.checkpoint_every = 2
+  c.train.sample_tokens = 4
+  c.train.peak_flops = 1e12
+  c.optimizer.warmup_steps = 1
+  return c

@@ -1,0 +1,337 @@
+"""The training loop: everything with side effects around the pure train step.
+
+It validates the whole config before compiling anything, builds the mesh and places the state by
+the rules table, resumes from the newest intact checkpoint in the workdir, and then runs: data ->
+step -> metrics, with eval every N steps, async checkpoints every K, a checkpoint on SIGTERM or
+SIGINT (preemption), and a clean stop on a non-finite loss. At the end it writes a zoo
+checkpoint of the model, a loss plot, and prints a sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from zoo import sharding
+from zoo.convert.checkpoint import Checkpoint, save_params
+from zoo.data.pipeline import data_pipeline
+from zoo.data.tokenizers import load_tokenizer
+from zoo.errors import ZooError
+from zoo.models.config import LlamaConfig
+from zoo.models.llama import Llama, abstract_model
+from zoo.models.presets import get_preset
+from zoo.train.checkpoint import Checkpointer
+from zoo.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops, mfu, plot_losses
+from zoo.train.optim import make_optimizer, make_schedule
+from zoo.train.step import make_eval_step, make_train_step
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything resolved from the config before anything is compiled."""
+  config: Any
+  workdir: str
+  model_config: LlamaConfig
+  tokenizer: Any
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  data_dir: str
+
+
+def _model_overrides(config) -> dict:
+  out = {}
+  for key, value in config.model.items():
+    if key == "preset":
+      continue
+    out[key] = tuple(value) if isinstance(value, list) else value
+  return out
+
+
+def _tokenizer(config, data_dir: str):
+  from zoo.data.pipeline import tokenizer_for
+  if config.data.tokenizer:
+    return load_tokenizer(config.data.tokenizer)
+  if config.init_from:
+    return load_tokenizer(config.init_from)
+  return tokenizer_for(config.data, data_dir)
+
+
+def prepare(config, workdir: str) -> Run:
+  """Checks the config, data, tokenizer and mesh; raises ZooError naming the first problem."""
+  if config.train.steps <= 0:
+    raise ZooError("train.steps must be positive")
+  if config.train.grad_accum < 1:
+    raise ZooError("train.grad_accum must be >= 1")
+  mesh = sharding.make_mesh(config.mesh)
+  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                for name, axes in config.sharding_rules)
+  sharding.logical_to_spec(sharding.LOGICAL_AXES, rules)  # validates the table
+  batch = config.data.batch_size
+  sharding.local_batch_size(batch, mesh, rules)
+  ways = math.prod(mesh.shape[a] for a in sharding.logical_to_spec(("batch",), rules)[0] or ()
+                   ) if sharding.logical_to_spec(("batch",), rules)[0] else 1
+  if (batch // ways) % config.train.grad_accum:
+    raise ZooError(f"batch size {batch} does not split into {config.train.grad_accum} "
+                   f"microbatches on each of {ways} batch shards")
+  data_dir = config.data.data_dir or os.path.join(workdir, "data")
+  os.makedirs(data_dir, exist_ok=True)
+  tokenizer = _tokenizer(config, data_dir)
+  if config.init_from:
+    model_config = Checkpoint(config.init_from).config
+  else:
+    overrides = _model_overrides(config)
+    if overrides.get("vocab_size") == 0:
+      overrides["vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
+    try:
+      model_config = get_preset(config.model.preset, **overrides)
+    except TypeError as e:
+      raise ZooError(f"bad model override: {e}") from None
+  if tokenizer.vocab_size > model_config.vocab_size:
+    raise ZooError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the "
+                   f"model's embeddings ({model_config.vocab_size})")
+  if config.data.seq_len > model_config.max_position_embeddings:
+    raise ZooError(f"data.seq_len {config.data.seq_len} is longer than the model allows "
+                   f"({model_config.max_position_embeddings})")
+  return Run(config, workdir, model_config, tokenizer, mesh, rules, data_dir)
+
+
+def _model_kwargs(config) -> dict:
+  return dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat,
+              moe_impl=config.moe_impl)
+
+
+def _state_shardings(run: Run, abstract_state) -> dict:
+  params = sharding.param_shardings(
+      abstract_model(run.model_config, **_model_kwargs(run.config)), run.mesh, run.rules)
+  rep = sharding.replicated(run.mesh)
+  abstract_params = abstract_state["params"]
+  tx, _ = make_optimizer(run.config.optimizer, run.config.train.steps)
+
+  def like_param(leaf, param_sharding, param):
+    # Factored optimizer statistics (Adafactor) do not have the parameter's shape.
+    return param_sharding if getattr(leaf, "shape", None) == param.shape else rep
+
+  opt = optax.tree_map_params(tx, like_param, abstract_state["opt_state"], params,
+                              abstract_params, transform_non_params=lambda _: rep)
+  return {"step": rep, "params": params, "opt_state": opt, "rng": rep}
+
+
+def _dotted(path) -> str:
+  return ".".join(str(k.key) for k in path)
+
+
+def _init_fn(run: Run, tx):
+  config = run.config
+
+  def init(key):
+    model = Llama(run.model_config, rngs=nnx.Rngs(params=key), **_model_kwargs(config))
+    params = nnx.split(model, nnx.Param)[1].to_pure_dict()
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+            "rng": jax.random.key_data(jax.random.key(config.train.seed + 1))}
+  return init
+
+
+def _initial_state(run: Run, tx, shardings):
+  key = jax.random.key(run.config.train.seed)
+  init = jax.jit(_init_fn(run, tx), out_shardings=shardings)
+  state = init(key)
+  if run.config.init_from:
+    loaded = Checkpoint(run.config.init_from).params()
+    param_dtype = jnp.dtype(run.config.param_dtype)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, leaf: jax.device_put(
+            np.asarray(loaded[_dotted(path)]).astype(param_dtype), leaf.sharding),
+        state["params"])
+    state = dict(state, params=params,
+                 opt_state=jax.jit(tx.init, out_shardings=shardings["opt_state"])(params))
+  return state
+
+
+def _to_global(batch: dict, batch_sharding) -> dict:
+  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT; the loop saves a checkpoint at the current step and exits."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
+
+
+def _greedy_sample(graphdef, params, tokenizer, prompt: str, new_tokens: int,
+                   max_len: int) -> str:
+  """Greedy continuation of `prompt`, one fixed-size buffer so it compiles once."""
+  ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
+  length = min(len(ids) + new_tokens, max_len)
+  buf = np.zeros((1, length), np.int32)
+  buf[0, :len(ids)] = ids
+
+  @jax.jit
+  def next_token(params, buf, pos):
+    logits = nnx.merge(graphdef, params)(buf)
+    return jnp.argmax(logits[0, pos - 1])
+
+  for pos in range(len(ids), length):
+    token = int(next_token(params, jnp.asarray(buf), pos))
+    if token == tokenizer.eos_id:
+      break
+    buf[0, pos] = token
+    ids.append(token)
+  start = 1 if tokenizer.bos_id is not None else 0
+  return tokenizer.decode(ids[start:])
+
+
+def _export_model(run: Run, params, path: str):
+  """The trained model as a zoo checkpoint (with its tokenizer), for zoo.load and zoo convert."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(params)
+  if jax.process_index() != 0:
+    return
+  flat = {_dotted(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  save_params(run.model_config, flat, path, force=True)
+  source = getattr(run.tokenizer, "path", None)
+  if source and os.path.isfile(source):
+    shutil.copy2(source, os.path.join(path, os.path.basename(source)))
+
+
+def train(config, workdir: str) -> dict:
+  """Runs (or resumes) the training described by `config` in `workdir`; returns a summary."""
+  os.makedirs(workdir, exist_ok=True)
+  run = prepare(config, workdir)
+  primary = jax.process_index() == 0
+  tcfg = config.train
+  tx, schedule = make_optimizer(config.optimizer, tcfg.steps)
+  graphdef = nnx.split(abstract_model(run.model_config, **_model_kwargs(config)))[0]
+  abstract = jax.eval_shape(_init_fn(run, tx), jax.random.key(0))
+  shardings = _state_shardings(run, abstract)
+  abstract_with_shardings = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  batch_sharding = sharding.batch_sharding(run.mesh, run.rules)
+  train_iter = data_pipeline(config.data, run.tokenizer, "train", data_dir=run.data_dir,
+                             process_index=jax.process_index(),
+                             process_count=jax.process_count())
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every=tcfg.checkpoint_every,
+                              keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoints)
+  metrics = MetricsWriter(workdir, enabled=primary)
+  restored = checkpointer.restore_latest(abstract_with_shardings, train_iter)
+  if restored is not None:
+    start, state, _ = restored
+    metrics.truncate_after(start)
+    print(f"zoo: resuming from the checkpoint at step {start}")
+  else:
+    start, state = 0, _initial_state(run, tx, shardings)
+  meta = {"model_config": run.model_config.to_dict(), "zoo_config": config.to_json()}
+
+  train_step = jax.jit(make_train_step(graphdef, tx, schedule, z_loss=tcfg.z_loss,
+                                       grad_accum=tcfg.grad_accum),
+                       in_shardings=(shardings, batch_sharding),
+                       out_shardings=(shardings, sharding.replicated(run.mesh)),
+                       donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(graphdef),
+                      in_shardings=(shardings["params"], batch_sharding))
+  peak = tcfg.peak_flops or measure_peak_flops()["peak_flops"] * jax.process_count()
+  per_token = flops_per_token(run.model_config, config.data.seq_len)
+
+  def evaluate(params) -> float:
+    it = data_pipeline(config.data, run.tokenizer, "validation", data_dir=run.data_dir,
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       repeat=False)
+    nll = weight = 0.0
+    for i, batch in enumerate(it):
+      if i >= tcfg.eval_batches:
+        break
+      out = eval_step(params, _to_global(batch, batch_sharding))
+      nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight"])
+    return nll / max(weight, 1.0)
+
+  summary = {"start_step": start, "losses": {}}
+  last_good = checkpointer.latest_step()
+  with sharding.use(run.mesh, run.rules), _StopFlag() as stop:
+    bar = tqdm(total=tcfg.steps, initial=start, disable=not primary, desc="train",
+               dynamic_ncols=True)
+    window_start, window_tokens = time.perf_counter(), 0.0
+    step = start
+    while step < tcfg.steps:
+      batch = _to_global(next(train_iter), batch_sharding)
+      state, out = train_step(state, batch)
+      step += 1
+      loss = float(out["loss"])
+      if not math.isfinite(loss):
+        checkpointer.wait()
+        where = (f"the last good checkpoint is step {last_good} in {workdir}/checkpoints"
+                 if last_good is not None else "no checkpoint was written")
+        raise ZooError(f"loss became {loss} at step {step}; stopping ({where})")
+      summary["losses"][step] = loss
+      window_tokens += float(out["tokens"])
+      bar.update(1)
+      bar.set_postfix(loss=f"{loss:.4f}")
+      record = {}
+      if step % tcfg.log_every == 0 or step == tcfg.steps:
+        elapsed = time.perf_counter() - window_start
+        tokens_per_sec = window_tokens / max(elapsed, 1e-9)
+        record.update(loss=loss, lr=float(out["lr"]), grad_norm=float(out["grad_norm"]),
+                      tokens_per_sec=tokens_per_sec, mfu=mfu(tokens_per_sec, per_token, peak))
+        window_start, window_tokens = time.perf_counter(), 0.0
+      if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
+        record["eval_loss"] = evaluate(state["params"])
+        summary["eval_loss"] = record["eval_loss"]
+        summary.setdefault("first_eval_loss", record["eval_loss"])
+      if record:
+        metrics.write(step, record)
+      if checkpointer.save(step, state, train_iter, meta, force=stop.signal is not None):
+        last_good = step
+      if stop.signal is not None:
+        checkpointer.wait()
+        bar.close()
+        print(f"zoo: {stop.signal} received; saved a checkpoint at step {step} in "
+              f"{workdir}/checkpoints", file=sys.stderr)
+        summary["stopped_by"] = stop.signal
+        summary["step"] = step
+        return summary
+    bar.close()
+    checkpointer.save(step, state, train_iter, meta, force=True)
+    checkpointer.close()
+    summary["step"] = step
+    model_dir = os.path.join(workdir, "model")
+    _export_model(run, state["params"], model_dir)
+    metrics.close()
+    if primary:
+      plot = os.path.join(workdir, "loss.png")
+      plot_losses(os.path.join(workdir, "metrics.jsonl"), plot)
+      if tcfg.sample_tokens:
+        summary["sample"] = _greedy_sample(graphdef, state["params"], run.tokenizer,
+                                           tcfg.sample_prompt, tcfg.sample_tokens,
+                                           config.data.seq_len)
+      summary.update(checkpoints=os.path.join(workdir, "checkpoints"), model=model_dir,
+                     tensorboard=os.path.join(workdir, "tensorboard"), plot=plot,
+                     metrics=os.path.join(workdir, "metrics.jsonl"))
+  return summary

@@ -1,0 +1,90 @@
+"""The pure train step and eval step.
+
+The train state is a plain pytree, {"step", "params", "opt_state", "rng"}, with params a pure
+dict shaped like the model's NNX state. `train_step(state, batch) -> (state, metrics)` has no
+side effects; the loop jits it with explicit shardings and donates the state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+Batch = dict[str, jax.Array]
+State = dict[str, Any]
+
+
+def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-token negative log-likelihood and log-partition, both float32 [B, T]."""
+  logits = logits.astype(jnp.float32)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return log_z - target_logit, log_z
+
+
+def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch) -> jax.Array:
+  model = nnx.merge(graphdef, params)
+  return model(batch["tokens"], batch["positions"], batch["segment_ids"])
+
+
+def batch_sums(graphdef, params, batch: Batch, z_loss: float):
+  """(objective sum, (nll sum, weight sum)) over a batch; per-token weights mask the loss."""
+  nll, log_z = token_losses(forward(graphdef, params, batch), batch["targets"])
+  w = batch["weights"].astype(jnp.float32)
+  nll_sum = jnp.sum(nll * w)
+  objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z) * w)
+  return objective, (nll_sum, jnp.sum(w))
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, z_loss: float = 0.0, grad_accum: int = 1):
+  """The train step for a model graph and optimizer.
+
+  With grad_accum > 1 the batch is split into that many microbatches (every grad_accum-th row,
+  so each device keeps its own rows) whose gradient sums are added before one update; the
+  result equals one step on the whole batch up to float summation order.
+  """
+  grad_fn = jax.value_and_grad(lambda p, b: batch_sums(graphdef, p, b, z_loss), has_aux=True)
+
+  def accumulate(params, batch):
+    if grad_accum == 1:
+      (_, (nll, weight)), grads = grad_fn(params, batch)
+      return grads, nll, weight
+
+    def split(x):  # [B, ...] -> [accum, B / accum, ...]
+      x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:])
+      return jnp.moveaxis(x, 1, 0)
+
+    def body(carry, micro):
+      grads, nll, weight = carry
+      (_, (n, w)), g = grad_fn(params, micro)
+      return (jax.tree.map(jnp.add, grads, g), nll + n, weight + w), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (grads, nll, weight), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), jax.tree.map(split, batch))
+    return grads, nll, weight
+
+  def train_step(state: State, batch: Batch) -> tuple[State, dict]:
+    params = state["params"]
+    grads, nll, weight = accumulate(params, batch)
+    denom = jnp.maximum(weight, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(params, updates),
+                     opt_state=opt_state)
+    metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads),
+               "lr": schedule(state["step"]), "tokens": weight}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef):
+  def eval_step(params: dict, batch: Batch) -> dict:
+    _, (nll, weight) = batch_sums(graphdef, params, batch, 0.0)
+    return {"nll_sum": nll, "weight": weight}
+  return eval_step
