@@ -1,0 +1,194 @@
+"""grain pipelines: documents, shuffled per epoch and sharded by process, tokenized and packed.
+
+  source -> [process_index::process_count] -> shuffle(seed) per epoch -> repeat -> tokenize
+    -> cut into pieces of <= seq_len -> first-fit packing into rows -> batch
+
+Each document becomes [bos] + encode(text) + [eos]; a row holds inputs tokens[:-1] and targets
+tokens[1:] of whole documents, so a target never belongs to the next document. A document longer
+than seq_len is cut into pieces of seq_len (input, target) pairs; each piece is its own segment
+with positions restarting at 0, so positions stay below seq_len and attention never crosses a cut.
+The returned iterator is a grain `DatasetIterator`: `get_state()` is JSON and `set_state` resumes
+bit-exactly, and grain's orbax `CheckpointHandler` saves and restores it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from typing import Any
+
+import grain
+import numpy as np
+
+from zoo.data.sources import field, source_id, text_source
+from zoo.data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
+from zoo.errors import ZooError
+
+# Packing keeps this many rows open at once (at least one batch): more rows fill better.
+MIN_PACKING_ROWS = 64
+# Text fed to SentencePiece when `tokenizer_for` trains one: a few MB trains in seconds.
+TOKENIZER_SAMPLE_CHARS = 4_000_000
+
+
+class _Tokenize(grain.transforms.Map):
+  """record -> int32 [n] = [bos] + encode(text) + [eos]."""
+
+  def __init__(self, tokenizer: Tokenizer, bos: int | None, eos: int | None):
+    self._tokenizer, self._bos, self._eos = tokenizer, bos, eos
+
+  def map(self, record):
+    text = record["text"]
+    if isinstance(text, bytes):
+      text = text.decode("utf-8")
+    ids = self._tokenizer.encode(text)
+    if self._bos is not None:
+      ids = [self._bos, *ids]
+    if self._eos is not None:
+      ids = [*ids, self._eos]
+    return np.asarray(ids, dtype=np.int32)
+
+
+class _Pieces(grain.experimental.FlatMapTransform):
+  """int32 [n] -> pieces of (tokens, targets, weights), each [<= seq_len]."""
+
+  max_fan_out = 1 << 20  # only read by MapDataset flat maps; ours runs on an IterDataset
+
+  def __init__(self, seq_len: int):
+    self._seq_len = seq_len
+
+  def flat_map(self, ids):
+    inputs, targets = ids[:-1], ids[1:]  # a 1-token document has no target and no piece
+    pieces = []
+    for start in range(0, len(inputs), self._seq_len):
+      x, y = inputs[start:start + self._seq_len], targets[start:start + self._seq_len]
+      pieces.append({"tokens": x, "targets": y, "weights": np.ones(len(x), np.float32)})
+    return pieces
+
+
+def _row(packed):
+  # The packer gives every packed feature its own segment ids and positions; the tokens' do.
+  return {"tokens": packed["tokens"], "targets": packed["targets"],
+          "positions": packed["tokens_positions"], "segment_ids": packed["tokens_segment_ids"],
+          "weights": packed["weights"]}
+
+
+def make_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
+                 shuffle: bool = True, repeat: bool = True, process_index: int = 0,
+                 process_count: int = 1, add_bos: bool = True, add_eos: bool = True,
+                 pack: bool = True, num_workers: int = 0) -> grain.DatasetIterator:
+  """An iterator of batches (see `zoo.data`) of `batch_size` rows for this process.
+
+  Process i reads documents i, i + process_count, ... of `source` (records with a "text"
+  field); each epoch visits them in a new order drawn from `seed`. `pack=False` puts one
+  document piece per row. `repeat=False` ends after one pass, its last batch padded with empty
+  rows (weights 0). `num_workers > 0` runs the pipeline in that many worker processes, which
+  changes the order of batches and the shape of the state: resume with the same num_workers.
+  """
+  for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
+                      ("process_count", process_count)):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ZooError(f"{name} must be a positive integer, got {value!r}")
+  if not 0 <= process_index < process_count:
+    raise ZooError(f"process_index {process_index} is not in 0..{process_count - 1}")
+  if not 0 <= seed < 2**32:
+    raise ZooError(f"seed must be in [0, 2**32), got {seed}")
+  if num_workers < 0:
+    raise ZooError(f"num_workers must be >= 0, got {num_workers}")
+  bos = _special(tokenizer, "bos_id", "add_bos") if add_bos else None
+  eos = _special(tokenizer, "eos_id", "add_eos") if add_eos else None
+
+  ds = grain.MapDataset.source(source)
+  if len(ds) == 0:
+    raise ZooError("the data source has no documents")
+  ds = ds[process_index::process_count]
+  if len(ds) == 0:
+    raise ZooError(f"process {process_index} of {process_count} gets no documents: the data "
+                   "source has fewer documents than processes")
+  if shuffle:
+    ds = ds.shuffle(seed=int(seed))  # reseeded for every epoch by the repeat below
+  if repeat:
+    ds = ds.repeat()
+  ds = ds.map(_Tokenize(tokenizer, bos, eos))
+  it = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(), _Pieces(int(seq_len)))
+  lengths = {"tokens": int(seq_len), "targets": int(seq_len), "weights": int(seq_len)}
+  it = grain.experimental.FirstFitPackIterDataset(
+    it, length_struct=lengths, num_packing_bins=max(int(batch_size), MIN_PACKING_ROWS),
+    shuffle_bins=False,  # documents arrive shuffled already
+    max_sequences_per_bin=None if pack else 1)  # padding is all zeros, as batch_and_pad's
+  it = it.map(_row)
+  it = it.batch(int(batch_size),
+                batch_fn=functools.partial(grain.experimental.batch_and_pad,
+                                           batch_size=int(batch_size)))
+  if num_workers:
+    _absl_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers)))
+  return iter(it)
+
+
+def _absl_flags_parsed():
+  # grain 0.2.18's worker processes read an absl flag, which raises in a program that never
+  # parsed flags (google/grain#1355, fixed upstream); the flags' defaults are what we want.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _special(tokenizer: Tokenizer, attr: str, flag: str) -> int:
+  value = getattr(tokenizer, attr)
+  if value is None:
+    raise ZooError(f"the tokenizer has no {attr[:3].upper()} token: set data.{flag} = False")
+  return int(value)
+
+
+def data_pipeline(data_cfg: Any, tokenizer: Tokenizer, split: str, *, data_dir: str,
+                  process_index: int = 0, process_count: int = 1,
+                  repeat: bool = True) -> grain.DatasetIterator:
+  """Batches of `split` for this process; `data_cfg.batch_size` is the global batch size."""
+  batch_size = field(data_cfg, "batch_size")
+  seq_len = field(data_cfg, "seq_len")
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ZooError(f"data.batch_size must be a positive integer, got {batch_size!r}")
+  if batch_size % process_count:
+    raise ZooError(f"data.batch_size {batch_size} is not divisible by the "
+                   f"{process_count} processes")
+  source = text_source(data_cfg, split, data_dir)
+  return make_batches(
+    source, tokenizer, seq_len=seq_len, batch_size=batch_size // process_count,
+    seed=field(data_cfg, "seed", 0), shuffle=field(data_cfg, "shuffle", True), repeat=repeat,
+    process_index=process_index, process_count=process_count,
+    add_bos=field(data_cfg, "add_bos", True), add_eos=field(data_cfg, "add_eos", True),
+    pack=field(data_cfg, "pack", True), num_workers=field(data_cfg, "num_workers", 0))
+
+
+def tokenizer_for(data_cfg: Any, data_dir: str) -> Tokenizer:
+  """`data_cfg.tokenizer` loaded, or when empty a SentencePiece model of `data_cfg.vocab_size`
+  trained on (the first few MB of) the train split and cached in `data_dir` for later runs."""
+  path = field(data_cfg, "tokenizer", "")
+  if path:
+    return load_tokenizer(path)
+  vocab_size = field(data_cfg, "vocab_size")
+  if not isinstance(vocab_size, int) or vocab_size < 1:
+    raise ZooError("data.tokenizer is empty and data.vocab_size is not a positive integer: "
+                   "give a tokenizer path or a vocabulary size to train one")
+  data_dir = os.path.abspath(os.path.expanduser(str(data_dir)))
+  key = json.dumps([source_id(data_cfg, data_dir), vocab_size, TOKENIZER_SAMPLE_CHARS, "bpe-1"])
+  model_path = os.path.join(
+    data_dir, f"tokenizer-{hashlib.sha256(key.encode()).hexdigest()[:16]}.model")
+  if os.path.isfile(model_path):
+    return load_tokenizer(model_path)
+  source = text_source(data_cfg, "train", data_dir)
+
+  def sample():
+    # The array_record files hold documents in a hashed order, so their head is a fair sample.
+    left = TOKENIZER_SAMPLE_CHARS
+    for i in range(len(source)):
+      text = source[i]["text"]
+      text = text.decode("utf-8") if isinstance(text, bytes) else text
+      yield text[:left]
+      left -= len(text)
+      if left <= 0:
+        return
+
+  return train_sentencepiece(sample(), vocab_size, model_path)
