@@ -75,6 +75,7 @@ def prepare(config, workdir: str) -> Run:
     raise ZooError("train.steps must be positive")
   if config.train.grad_accum < 1:
     raise ZooError("train.grad_accum must be >= 1")
+  make_optimizer(config.optimizer, config.train.steps)  # validates the optimizer fields
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                 for name, axes in config.sharding_rules)
@@ -262,14 +263,13 @@ def train(config, workdir: str) -> dict:
   per_token = flops_per_token(run.model_config, config.data.seq_len)
 
   def evaluate(params) -> float:
+    # A fixed number of batches (the held-out split repeats if it is smaller), so that every
+    # process runs the same number of steps.
     it = data_pipeline(config.data, run.tokenizer, "validation", data_dir=run.data_dir,
-                       process_index=jax.process_index(), process_count=jax.process_count(),
-                       repeat=False)
+                       process_index=jax.process_index(), process_count=jax.process_count())
     nll = weight = 0.0
-    for i, batch in enumerate(it):
-      if i >= tcfg.eval_batches:
-        break
-      out = eval_step(params, _to_global(batch, batch_sharding))
+    for _ in range(tcfg.eval_batches):
+      out = eval_step(params, _to_global(next(it), batch_sharding))
       nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight"])
     return nll / max(weight, 1.0)
 
@@ -279,7 +279,7 @@ def train(config, workdir: str) -> dict:
     bar = tqdm(total=tcfg.steps, initial=start, disable=not primary, desc="train",
                dynamic_ncols=True)
     window_start, window_tokens = time.perf_counter(), 0.0
-    step = start
+    step, saved = start, True
     while step < tcfg.steps:
       batch = _to_global(next(train_iter), batch_sharding)
       state, out = train_step(state, batch)
@@ -309,6 +309,7 @@ def train(config, workdir: str) -> dict:
         metrics.write(step, record)
       if checkpointer.save(step, state, train_iter, meta, force=stop.signal is not None):
         last_good = step
+      saved = last_good == step
       if stop.signal is not None:
         checkpointer.wait()
         bar.close()
@@ -318,7 +319,8 @@ def train(config, workdir: str) -> dict:
         summary["step"] = step
         return summary
     bar.close()
-    checkpointer.save(step, state, train_iter, meta, force=True)
+    if step > start and not saved:
+      checkpointer.save(step, state, train_iter, meta, force=True)
     checkpointer.close()
     summary["step"] = step
     model_dir = os.path.join(workdir, "model")

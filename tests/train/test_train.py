@@ -1,0 +1,210 @@
+"""`zoo train` end to end: every config, exact resume after SIGKILL, preemption, damaged
+checkpoints, a new mesh on resume, NaN stops, and one-line errors for bad input."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from zoo.cli import REPO_ROOT, main
+from zoo.convert.checkpoint import Checkpoint
+
+CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO_ROOT, "configs", "*.py")))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """A small corpus (zoo's own source) and a shared data dir, so datasets build once."""
+  root = tmp_path_factory.mktemp("corpus")
+  for path in glob.glob(os.path.join(REPO_ROOT, "zoo", "**", "*.py"), recursive=True):
+    shutil.copy(path, root / (os.path.relpath(path, REPO_ROOT).replace(os.sep, "_")))
+  return {"files": str(root / "*.py"), "data_dir": str(tmp_path_factory.mktemp("data"))}
+
+
+def flags(corpus, **overrides) -> list[str]:
+  """Small, fast settings for the default config, plus any overrides."""
+  values = {"data.source": "files", "data.files": corpus["files"],
+            "data.data_dir": corpus["data_dir"], "data.vocab_size": 512, "data.seq_len": 32,
+            "data.batch_size": 8, "model.hidden_size": 32, "model.intermediate_size": 64,
+            "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
+            "model.head_dim": 8, "train.steps": 12, "train.log_every": 1,
+            "train.eval_every": 0, "train.checkpoint_every": 2, "train.keep_checkpoints": 10,
+            "train.sample_tokens": 0, "train.peak_flops": 1e12, "optimizer.warmup_steps": 2}
+  values.update(overrides)
+  return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def zoo_train(workdir, *args, wait=True):
+  cmd = [sys.executable, "-m", "zoo.cli", "train", "--config", "configs/default.py",
+         "--workdir", str(workdir), *args]
+  proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  if wait:
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err
+  return proc
+
+
+def losses(workdir) -> dict[int, float]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  steps = [r["step"] for r in rows if "loss" in r]
+  assert len(steps) == len(set(steps)), "a resumed run must not log a step twice"
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def wait_for_step(proc, workdir, step, timeout=300):
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended early: {proc.stderr.read()}")
+    if os.path.exists(path):
+      with open(path) as f:
+        if any(json.loads(line).get("step", 0) >= step for line in f if line.strip()):
+          return
+    time.sleep(0.05)
+  raise AssertionError(f"step {step} not reached")
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+  """An uninterrupted 12-step run."""
+  workdir = tmp_path_factory.mktemp("reference")
+  code, out, err = zoo_train(workdir, *flags(corpus))
+  assert code == 0, err
+  return workdir, losses(workdir)
+
+
+def test_uninterrupted_run_trains_and_writes_its_outputs(reference):
+  workdir, ref = reference
+  assert sorted(ref) == list(range(1, 13))
+  assert ref[12] < ref[1]
+  for name in ("loss.png", "metrics.jsonl"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  assert glob.glob(os.path.join(workdir, "tensorboard", "*"))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    row = json.loads(f.readline())
+  assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(row)
+  # the exported model loads with zoo.load and carries the run's tokenizer
+  assert Checkpoint(os.path.join(workdir, "model")).config.num_layers == 2
+  assert any(n.endswith(".model") for n in os.listdir(os.path.join(workdir, "model")))
+
+
+@pytest.mark.parametrize("kill_at", [3, 6, 9])
+def test_sigkill_then_resume_is_bit_exact(kill_at, corpus, reference, tmp_path):
+  _, ref = reference
+  proc = zoo_train(tmp_path, *flags(corpus), wait=False)
+  wait_for_step(proc, tmp_path, kill_at)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  code, out, err = zoo_train(tmp_path, *flags(corpus))
+  assert code == 0, err
+  assert "resuming from the checkpoint at step" in err + out
+  assert losses(tmp_path) == ref  # every step's loss, bit for bit
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step(corpus, tmp_path):
+  proc = zoo_train(tmp_path, *flags(corpus, **{"train.steps": 400,
+                                               "train.checkpoint_every": 1000}), wait=False)
+  wait_for_step(proc, tmp_path, 3)
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err
+  assert "SIGTERM received; saved a checkpoint at step" in err
+  saved = int(err.split("checkpoint at step ")[1].split()[0])
+  assert saved >= 3 and os.path.isdir(tmp_path / "checkpoints" / str(saved))
+  assert max(losses(tmp_path)) == saved
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(corpus, reference, tmp_path):
+  _, ref = reference
+  code, _, err = zoo_train(tmp_path, *flags(corpus, **{"train.steps": 6}))
+  assert code == 0, err
+  latest = tmp_path / "checkpoints" / "6"
+  damaged = 0
+  for path in glob.glob(str(latest / "state" / "**" / "*"), recursive=True):
+    if os.path.isfile(path) and os.path.getsize(path) > 64:
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+      damaged += 1
+  assert damaged
+  code, out, err = zoo_train(tmp_path, *flags(corpus))
+  assert code == 0, err
+  assert "checkpoint at step 6 is damaged" in err
+  assert "resuming from the checkpoint at step 4" in err + out
+  assert losses(tmp_path) == ref
+
+
+def test_resume_on_a_different_mesh(corpus, reference, tmp_path):
+  _, ref = reference
+  code, _, err = zoo_train(tmp_path, *flags(corpus, **{"train.steps": 6}))
+  assert code == 0, err
+  code, out, err = zoo_train(tmp_path, *flags(corpus, **{"mesh.data": 2, "mesh.fsdp": 2,
+                                                         "mesh.tensor": 2}))
+  assert code == 0, err
+  assert "resuming from the checkpoint at step 6" in err + out
+  got = losses(tmp_path)
+  np.testing.assert_allclose([got[s] for s in range(1, 13)], [ref[s] for s in range(1, 13)],
+                             atol=1e-5, rtol=0)
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_intact(corpus, tmp_path):
+  code, out, err = zoo_train(tmp_path, *flags(corpus, **{"optimizer.lr": 1e30,
+                                                         "optimizer.grad_clip": 0.0,
+                                                         "optimizer.warmup_steps": 0}))
+  assert code == 2
+  lines = err.strip().splitlines()
+  assert lines[-1].startswith("zoo: error: loss became") and "stopping" in lines[-1]
+  good = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
+  if good:  # what was saved before the blow-up restores
+    code, out, err = zoo_train(tmp_path, *flags(corpus, **{"train.steps": max(good) + 1}))
+    assert f"resuming from the checkpoint at step {max(good)}" in err + out
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_runs_a_step_shrunk(config, corpus, tmp_path):
+  args = "shrink"
+  if config == "finetune.py":
+    # fine-tuning needs a checkpoint with a tokenizer: make one from a tiny trained run
+    base = tmp_path / "base"
+    assert main(["train", "--config", "configs/default.py", "--workdir", str(base),
+                 *flags(corpus, **{"train.steps": 1, "train.checkpoint_every": 1})]) == 0
+    args = f"shrink,init_from={base / 'model'}"
+  argv = ["train", "--config", f"configs/{config}:{args}", "--workdir", str(tmp_path / "run"),
+          f"--config.data.source=files", f"--config.data.files={corpus['files']}",
+          f"--config.data.data_dir={corpus['data_dir']}", "--config.train.steps=1",
+          "--config.train.sample_tokens=2"]
+  assert main(argv) == 0
+  assert losses(tmp_path / "run")[1] > 0
+
+
+BAD = {
+  "unknown_field": (["--config.train.stepz=3"], "stepz"),
+  "mesh_does_not_divide": (["--config.mesh.data=3"], "does not divide 8 devices"),
+  "batch_not_divisible": (["--config.data.batch_size=12"], "not divisible"),
+  "sequence_too_long": (["--config.model.max_position_embeddings=16"], "longer than the model"),
+  "vocab_too_small": (["--config.model.vocab_size=128"], "larger than the model's embeddings"),
+  "no_data": (["--config.data.files=/nonexistent/*.txt"], "/nonexistent"),
+  "bad_config_arg": (["--config", "configs/default.py:bogus"], "bogus"),
+  "missing_config_file": (["--config", "configs/nope.py"], "nope.py"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_before_compiling(case, corpus, tmp_path, capsys):
+  extra, words = BAD[case]
+  argv = ["train", "--workdir", str(tmp_path), *flags(corpus), *extra]
+  if extra[0] == "--config":
+    argv = ["train", *extra, "--workdir", str(tmp_path)]
+  assert main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("zoo: ") and words in err[0], err
+  assert not os.path.exists(tmp_path / "checkpoints")
