@@ -168,8 +168,9 @@ def train_main(argv: list[str]) -> int:
   if not any(a == "--config" or a.startswith("--config=") for a in argv):
     argv.insert(0, "--config=" + _config_path("configs/default.py"))
   fv = flags.FlagValues()
+  # sys_argv: the override flags are discovered from this list, not from the process's argv.
   config_flags.DEFINE_config_file("config", None, "training config file", flag_values=fv,
-                                  lock_config=True)
+                                  lock_config=True, sys_argv=["zoo train", *argv])
   flags.DEFINE_string("workdir", None, "run directory (default runs/CONFIG_NAME)",
                       flag_values=fv)
   try:

@@ -126,7 +126,8 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(corpus, tmp_path):
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(corpus, reference, tmp_path):
   _, ref = reference
-  code, _, err = zoo_train(tmp_path, *flags(corpus, **{"train.steps": 6}))
+  code, _, err = zoo_train(tmp_path, *flags(corpus, **{"train.steps": 6,
+                                                       "train.schedule_steps": 12}))
   assert code == 0, err
   latest = tmp_path / "checkpoints" / "6"
   damaged = 0
@@ -145,7 +146,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(corpus, reference,
 
 def test_resume_on_a_different_mesh(corpus, reference, tmp_path):
   _, ref = reference
-  code, _, err = zoo_train(tmp_path, *flags(corpus, **{"train.steps": 6}))
+  code, _, err = zoo_train(tmp_path, *flags(corpus, **{"train.steps": 6,
+                                                       "train.schedule_steps": 12}))
   assert code == 0, err
   code, out, err = zoo_train(tmp_path, *flags(corpus, **{"mesh.data": 2, "mesh.fsdp": 2,
                                                          "mesh.tensor": 2}))
@@ -161,12 +163,21 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(corpus, tmp_path):
                                                          "optimizer.grad_clip": 0.0,
                                                          "optimizer.warmup_steps": 0}))
   assert code == 2
-  lines = err.strip().splitlines()
-  assert lines[-1].startswith("zoo: error: loss became") and "stopping" in lines[-1]
+  errors = [line for line in err.splitlines() if line.startswith("zoo: error")]
+  assert len(errors) == 1 and errors[0].startswith("zoo: error: loss became")
+  assert "stopping" in errors[0]
   good = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
-  if good:  # what was saved before the blow-up restores
-    code, out, err = zoo_train(tmp_path, *flags(corpus, **{"train.steps": max(good) + 1}))
-    assert f"resuming from the checkpoint at step {max(good)}" in err + out
+  assert good, "the test needs a checkpoint before the loss blows up"
+  # What was saved before the blow-up restores (same optimizer structure).
+  code, out, err = zoo_train(tmp_path, *flags(corpus, **{
+      "train.steps": max(good), "optimizer.lr": 1e-3, "optimizer.grad_clip": 0.0,
+      "optimizer.warmup_steps": 0}))
+  assert code == 0, err
+  assert f"resuming from the checkpoint at step {max(good)}" in err + out
+  # A run with another optimizer structure is refused, and the checkpoints stay.
+  code, out, err = zoo_train(tmp_path, *flags(corpus, **{"train.steps": 20}))
+  assert code == 2 and "different model or optimizer config" in err
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
 
 
 @pytest.mark.parametrize("config", CONFIGS)
@@ -176,7 +187,8 @@ def test_every_config_runs_a_step_shrunk(config, corpus, tmp_path):
     # fine-tuning needs a checkpoint with a tokenizer: make one from a tiny trained run
     base = tmp_path / "base"
     assert main(["train", "--config", "configs/default.py", "--workdir", str(base),
-                 *flags(corpus, **{"train.steps": 1, "train.checkpoint_every": 1})]) == 0
+                 *flags(corpus, **{"train.steps": 1, "train.checkpoint_every": 1,
+                                   "optimizer.warmup_steps": 0})]) == 0
     args = f"shrink,init_from={base / 'model'}"
   argv = ["train", "--config", f"configs/{config}:{args}", "--workdir", str(tmp_path / "run"),
           f"--config.data.source=files", f"--config.data.files={corpus['files']}",
@@ -188,7 +200,7 @@ def test_every_config_runs_a_step_shrunk(config, corpus, tmp_path):
 
 BAD = {
   "unknown_field": (["--config.train.stepz=3"], "stepz"),
-  "mesh_does_not_divide": (["--config.mesh.data=3"], "does not divide 8 devices"),
+  "mesh_does_not_divide": (["--config.mesh.data=3"], "needs 3 devices, but there are 8"),
   "batch_not_divisible": (["--config.data.batch_size=12"], "not divisible"),
   "sequence_too_long": (["--config.model.max_position_embeddings=16"], "longer than the model"),
   "vocab_too_small": (["--config.model.vocab_size=128"], "larger than the model's embeddings"),

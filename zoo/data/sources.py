@@ -31,10 +31,13 @@ def field(cfg: Any, name: str, default: Any = None) -> Any:
   return getattr(cfg, name, default)
 
 
+def _unit_hash(doc_id: str) -> float:
+  return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
 def split_of(doc_id: str, eval_fraction: float) -> str:
   """"validation" for a stable `eval_fraction` of document ids, "train" for the rest."""
-  u = int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") / 2.0**64
-  return "validation" if u < eval_fraction else "train"
+  return "validation" if _unit_hash(doc_id) < eval_fraction else "train"
 
 
 def read_documents(path: str, doc_id: str, text_key: str = "text") -> Iterator[tuple[str, str]]:
@@ -112,15 +115,26 @@ class ZooText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     del dl_manager  # everything is local
     fraction = self.builder_config.eval_fraction
     # One pass to learn which splits have documents; bad files fail here with a ZooError.
-    counts = collections.Counter(split_of(doc_id, fraction) for doc_id, _ in self._documents())
-    if not counts:
+    ids = [doc_id for doc_id, _ in self._documents()]
+    if not ids:
       raise ZooError(f"no documents: all {len(self.builder_config.files)} files are empty")
+    counts = collections.Counter(split_of(doc_id, fraction) for doc_id in ids)
+    # A small corpus may have no id under the threshold: hold out the lowest hash instead, so
+    # that a held-out split exists whenever one is asked for and there is more than one document.
+    self._held_out = None
+    if fraction > 0 and not counts["validation"] and len(ids) > 1:
+      self._held_out = min(ids, key=_unit_hash)
+      counts.update(train=-1, validation=1)
     return {split: self._generate_examples(split) for split in SPLITS if counts[split]}
 
+  def _split(self, doc_id: str) -> str:
+    if doc_id == self._held_out:
+      return "validation"
+    return split_of(doc_id, self.builder_config.eval_fraction)
+
   def _generate_examples(self, split: str):
-    fraction = self.builder_config.eval_fraction
     for doc_id, text in self._documents():
-      if split_of(doc_id, fraction) == split:
+      if self._split(doc_id) == split:
         yield doc_id, {"id": doc_id, "text": text}
 
 

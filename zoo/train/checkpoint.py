@@ -9,18 +9,27 @@ the previous one is used.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import time
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from zoo.errors import ZooError
+
+# Phrases of orbax's errors for a restore target that does not fit the saved tree.
+_MISMATCH = ("tree structures do not match", "Requested shape", "shape mismatch")
+
 
 class Checkpointer:
 
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
     self.every = every
+    self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(save_interval_steps=max(every, 1), max_to_keep=keep,
                                            enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(directory, options=options,
@@ -47,13 +56,25 @@ class Checkpointer:
         restored = self.manager.restore(step, args=args)
       except Exception as e:  # orbax and tensorstore raise many types for damaged files
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if any(words in reason for words in _MISMATCH):
+          # The files are fine; the run's config is not the one that wrote them.
+          raise ZooError(f"the checkpoint at step {step} in {self.directory} was written by a "
+                         f"different model or optimizer config ({reason})") from None
         print(f"zoo: checkpoint at step {step} is damaged and was skipped ({reason})",
               file=sys.stderr)
-        if jax.process_index() == 0:
-          self.manager.delete(step)
+        self._set_aside(step)
         continue
       return step, restored.state, dict(restored.meta)
     return None
+
+  def _set_aside(self, step: int):
+    """Moves a damaged checkpoint out of the way (kept for inspection), so its step can be
+    saved again."""
+    if jax.process_index() == 0:
+      aside = os.path.join(self.directory + ".damaged", f"{step}-{int(time.time())}")
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), aside)
+    self.manager.reload()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

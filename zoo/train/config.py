@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   c.train = ml_collections.ConfigDict(dict(
       steps=100,
+      schedule_steps=0,  # length of the lr schedule; 0: train.steps
       seed=0,
       grad_accum=1,
       z_loss=0.0,

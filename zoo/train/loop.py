@@ -51,6 +51,11 @@ class Run:
   data_dir: str
 
 
+def schedule_steps(config) -> int:
+  """The length of the learning-rate schedule; a run may stop before it ends and resume."""
+  return config.train.schedule_steps or config.train.steps
+
+
 def _model_overrides(config) -> dict:
   out = {}
   for key, value in config.model.items():
@@ -75,7 +80,9 @@ def prepare(config, workdir: str) -> Run:
     raise ZooError("train.steps must be positive")
   if config.train.grad_accum < 1:
     raise ZooError("train.grad_accum must be >= 1")
-  make_optimizer(config.optimizer, config.train.steps)  # validates the optimizer fields
+  if config.train.schedule_steps < 0:
+    raise ZooError("train.schedule_steps must be >= 0")
+  make_optimizer(config.optimizer, schedule_steps(config))  # validates the optimizer fields
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                 for name, axes in config.sharding_rules)
@@ -106,6 +113,8 @@ def prepare(config, workdir: str) -> Run:
   if config.data.seq_len > model_config.max_position_embeddings:
     raise ZooError(f"data.seq_len {config.data.seq_len} is longer than the model allows "
                    f"({model_config.max_position_embeddings})")
+  for split in ("train", "validation") if config.train.eval_every else ("train",):
+    data_pipeline(config.data, tokenizer, split, data_dir=data_dir)  # raises if it is empty
   return Run(config, workdir, model_config, tokenizer, mesh, rules, data_dir)
 
 
@@ -119,7 +128,7 @@ def _state_shardings(run: Run, abstract_state) -> dict:
       abstract_model(run.model_config, **_model_kwargs(run.config)), run.mesh, run.rules)
   rep = sharding.replicated(run.mesh)
   abstract_params = abstract_state["params"]
-  tx, _ = make_optimizer(run.config.optimizer, run.config.train.steps)
+  tx, _ = make_optimizer(run.config.optimizer, schedule_steps(run.config))
 
   def like_param(leaf, param_sharding, param):
     # Factored optimizer statistics (Adafactor) do not have the parameter's shape.
@@ -221,7 +230,12 @@ def _export_model(run: Run, params, path: str):
   save_params(run.model_config, flat, path, force=True)
   source = getattr(run.tokenizer, "path", None)
   if source and os.path.isfile(source):
-    shutil.copy2(source, os.path.join(path, os.path.basename(source)))
+    # Under the names load_tokenizer (and transformers) look for in a checkpoint directory.
+    hf_json = source.endswith(".json")
+    shutil.copy2(source, os.path.join(path, "tokenizer.json" if hf_json else "tokenizer.model"))
+    extra = os.path.join(os.path.dirname(source), "tokenizer_config.json")
+    if hf_json and os.path.isfile(extra):
+      shutil.copy2(extra, os.path.join(path, "tokenizer_config.json"))
 
 
 def train(config, workdir: str) -> dict:
@@ -230,7 +244,7 @@ def train(config, workdir: str) -> dict:
   run = prepare(config, workdir)
   primary = jax.process_index() == 0
   tcfg = config.train
-  tx, schedule = make_optimizer(config.optimizer, tcfg.steps)
+  tx, schedule = make_optimizer(config.optimizer, schedule_steps(config))
   graphdef = nnx.split(abstract_model(run.model_config, **_model_kwargs(config)))[0]
   abstract = jax.eval_shape(_init_fn(run, tx), jax.random.key(0))
   shardings = _state_shardings(run, abstract)
@@ -286,6 +300,7 @@ def train(config, workdir: str) -> dict:
       step += 1
       loss = float(out["loss"])
       if not math.isfinite(loss):
+        bar.close()
         checkpointer.wait()
         where = (f"the last good checkpoint is step {last_good} in {workdir}/checkpoints"
                  if last_good is not None else "no checkpoint was written")
