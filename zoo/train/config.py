@@ -67,6 +67,25 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def pretraining_config(preset: str, *, seq_len: int, batch_size: int, lr: float,
+                       arg: str | None, name: str) -> ml_collections.ConfigDict:
+  """Pretraining a preset from scratch with FSDP over all devices, bf16 compute on f32 master
+  weights and remat; the schedule has the published recipes' shape at a smaller token budget."""
+  args = parse_arg(arg)
+  check_args(args, {"shrink"}, name)
+  c = base_config()
+  c.model = ml_collections.ConfigDict({"preset": preset})
+  c.dtype = "bfloat16"
+  c.remat = "dots_no_batch"
+  c.data.update(dict(seq_len=seq_len, batch_size=batch_size, vocab_size=32000))
+  c.optimizer.update(dict(lr=lr, b2=0.95, weight_decay=0.1, warmup_steps=2000,
+                          min_lr_ratio=0.1, grad_clip=1.0))
+  c.train.update(dict(steps=100_000, log_every=50, eval_every=2000, eval_batches=50,
+                      checkpoint_every=1000, keep_checkpoints=3))
+  c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
+  return shrink(c) if args.get("shrink") else c
+
+
 def parse_arg(arg: str | None) -> dict:
   """'shrink,model=llama3_8b,rank=16' -> {'shrink': True, 'model': 'llama3_8b', 'rank': '16'}."""
   out = {}
