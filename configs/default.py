@@ -17,7 +17,7 @@ def get_config(arg=None):
   c.model.update(dict(hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4,
                       num_kv_heads=4, head_dim=64, max_position_embeddings=512))
   c.data.update(dict(source="python_stdlib", vocab_size=2000, seq_len=128, batch_size=16))
-  c.optimizer.update(dict(lr=3e-3, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.1))
-  c.train.update(dict(steps=600, log_every=20, eval_every=200, eval_batches=16,
-                      checkpoint_every=200, sample_prompt="def ", sample_tokens=48))
+  c.optimizer.update(dict(lr=2e-3, warmup_steps=25, min_lr_ratio=0.1, weight_decay=0.1))
+  c.train.update(dict(steps=250, log_every=10, eval_every=50, eval_batches=8,
+                      checkpoint_every=125, sample_prompt="def ", sample_tokens=48))
   return shrink(c) if args.get("shrink") else c

@@ -240,6 +240,7 @@ def _export_model(run: Run, params, path: str):
 
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary."""
+  workdir = os.path.abspath(workdir)  # orbax wants absolute paths
   os.makedirs(workdir, exist_ok=True)
   run = prepare(config, workdir)
   primary = jax.process_index() == 0
