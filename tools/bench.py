@@ -1,6 +1,11 @@
 """Benchmarks for zoo, one mode each.
 
     python tools/bench.py convert [--size-mb 1000] [--shards 4] [--workdir DIR] [--keep]
+    python tools/bench.py train [--steps 5] [--rounds 7] [--vocab 2000,32000] [--devices 1]
+
+`train` times zoo's jitted train step (AdamW, float32) on a tiny LLaMA against transformers'
+LlamaForCausalLM in torch eager with torch.optim.AdamW, each in its own process, alternating,
+and reports tokens/s, the ratio and MFU against the machine's measured matmul peak.
 
 Human-readable lines first; the last line of a successful run is one JSON object with the
 results, so that scripts can read it with `tail -n 1`. MB means MiB (2**20 bytes) throughout.
@@ -12,6 +17,7 @@ sub-parser and a function that runs it and returns the result dict.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,10 +42,11 @@ class Run:
   output: str
 
 
-def measure(cmd: list[str], what: str) -> Run:
+def measure(cmd: list[str], what: str, env: dict | None = None) -> Run:
   """Runs `cmd` in a fresh process: its wall time and its own peak RSS."""
   start = time.perf_counter()
-  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env)
   output = proc.stdout.read()
   proc.stdout.close()
   # wait4, not getrusage(RUSAGE_CHILDREN): the latter is a maximum over all children so far.
@@ -254,6 +261,388 @@ def bench_convert(args, workdir: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# train
+
+# The model: a tiny LLaMA whose matmuls are still big enough for a CPU to run them well.
+TRAIN_MODEL = dict(hidden_size=256, intermediate_size=704, num_layers=4, num_heads=4,
+                   num_kv_heads=4, head_dim=64)
+# Plain AdamW, as torch.optim.AdamW does it: constant lr, decay on every parameter, no clipping.
+TRAIN_OPTIMIZER = dict(name="adamw", lr=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+                       schedule="constant", warmup_steps=0, grad_clip=0.0,
+                       decay_norms_and_biases=True)
+# XLA:CPU compile options for zoo's step: every dot through Eigen (multi-threaded) instead of
+# YNNPACK, which jaxlib 0.10 uses by default and runs single-threaded; +7% tokens/s at vocab 2000
+# on the 2-core machine (compare with --xla-defaults). Both are float32 matmuls; results differ
+# only in float32 rounding. Set per compilation (jit's compiler_options), so that an option a
+# jaxlib does not know is an error to catch, not an abort as in XLA_FLAGS.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+_TAG = "@bench "  # marks the worker's answers on its stdout
+_WORKER = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench; "
+           "bench.train_worker(sys.argv[2], json.loads(sys.argv[3]))")
+
+
+def train_config(vocab: int, seq_len: int):
+  from zoo.models.presets import get_preset
+  return get_preset("tiny_llama", vocab_size=vocab, max_position_embeddings=seq_len,
+                    **TRAIN_MODEL)
+
+
+def train_batch(vocab: int, batch: int, seq_len: int) -> dict:
+  """One fixed batch of random tokens (numpy), the same in every worker: unpacked rows."""
+  import numpy as np
+  tokens = np.random.default_rng(0).integers(0, vocab, (batch, seq_len + 1)).astype(np.int32)
+  positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len))
+  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions.copy(),
+          "segment_ids": np.ones((batch, seq_len), np.int32),
+          "weights": np.ones((batch, seq_len), np.float32)}
+
+
+def zoo_stepper(spec: dict):
+  """zoo's jitted train step on one fixed batch: (run(n) -> loss, info)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  from zoo.models.llama import Llama
+  from zoo.train.optim import make_optimizer
+  from zoo.train.step import make_train_step
+  config = train_config(spec["vocab"], spec["seq_len"])
+  model = Llama(config, dtype=spec["dtype"], remat=spec["remat"], rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = params.to_pure_dict()
+  tx, schedule = make_optimizer(TRAIN_OPTIMIZER, 10**9)
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+           "rng": jnp.zeros(2, jnp.uint32)}
+  batch = train_batch(spec["vocab"], spec["batch"], spec["seq_len"])
+  train_step = make_train_step(graphdef, tx, schedule)
+  devices = spec["devices"]
+  if devices == 1:
+    batch = jax.device_put(batch)
+    jitted = jax.jit(train_step, donate_argnums=0)
+  else:  # data parallel over host devices, laid out as zoo's train loop lays it out
+    from zoo import sharding
+    mesh = sharding.make_mesh((devices, 1, 1), devices=jax.devices()[:devices])
+    rules = sharding.DEFAULT_RULES
+    rep = sharding.replicated(mesh)
+    params_sh = sharding.param_shardings(model, mesh, rules)
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
+                                   params_sh, transform_non_params=lambda _: rep)
+    shardings = {"step": rep, "params": params_sh, "opt_state": opt_sh, "rng": rep}
+    state = jax.device_put(state, shardings)
+    batch_sh = sharding.batch_sharding(mesh, rules)
+    batch = jax.device_put(batch, batch_sh)
+    jitted = jax.jit(train_step, in_shardings=(shardings, batch_sh),
+                     out_shardings=(shardings, rep), donate_argnums=0)
+  start = time.perf_counter()
+  with sharding.use(mesh, rules) if devices > 1 else contextlib.nullcontext():
+    lowered = jitted.lower(state, batch)
+  options, refused = spec["compiler_options"], None
+  try:
+    step = lowered.compile(compiler_options=options or None)
+  except jax.errors.JaxRuntimeError as e:  # an option this jaxlib does not know
+    if not options:
+      raise
+    step, refused = lowered.compile(), str(e).splitlines()[0]
+  compile_s = time.perf_counter() - start
+  holder = {"state": state}
+
+  def run(n: int) -> float:
+    state = holder["state"]
+    for _ in range(n):
+      state, metrics = step(state, batch)
+    holder["state"] = state
+    return float(metrics["loss"])  # waits for the last step, so for all of them
+
+  info = {"compile_s": compile_s, "backend": jax.default_backend(), "devices": devices,
+          "params": config.num_params(), "jax": jax.__version__, "options_refused": refused}
+  return run, info
+
+
+def torch_stepper(spec: dict):
+  """transformers' LlamaForCausalLM in PyTorch eager with torch.optim.AdamW, float32."""
+  import torch
+  import transformers
+
+  from zoo.convert import hf
+  torch.set_num_threads(spec["threads"])
+  torch.manual_seed(0)
+  config = train_config(spec["vocab"], spec["seq_len"])
+  hf_config = transformers.LlamaConfig.from_dict(hf.config_to_hf(config, "float32"))
+  model = transformers.LlamaForCausalLM(hf_config).float().train()
+  o = TRAIN_OPTIMIZER
+  opt = torch.optim.AdamW(model.parameters(), lr=o["lr"], betas=(o["b1"], o["b2"]),
+                          eps=o["eps"], weight_decay=o["weight_decay"])
+  batch = {k: torch.from_numpy(v)
+           for k, v in train_batch(spec["vocab"], spec["batch"], spec["seq_len"]).items()}
+  tokens, targets, vocab = batch["tokens"].long(), batch["targets"].long(), spec["vocab"]
+
+  def run(n: int) -> float:
+    for _ in range(n):
+      logits = model(input_ids=tokens).logits
+      loss = torch.nn.functional.cross_entropy(logits.view(-1, vocab), targets.view(-1))
+      loss.backward()
+      opt.step()
+      opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+  info = {"threads": torch.get_num_threads(), "attention": hf_config._attn_implementation,
+          "torch": torch.__version__, "transformers": transformers.__version__}
+  return run, info
+
+
+def train_worker(kind: str, spec: dict):
+  """A worker process: builds its step, warms it up, then times `n` steps per line of stdin.
+
+  Each answer is one JSON line on stdout. Between requests the worker blocks on stdin, so only
+  one side runs at a time and neither sees the other's threads.
+  """
+  run, info = (zoo_stepper if kind == "zoo" else torch_stepper)(spec)
+  info["first_loss"] = run(1)
+  run(spec["warmup"])
+  print(_TAG + json.dumps({"ready": True, **info}), flush=True)
+  for line in sys.stdin:
+    n = int(line)
+    start, cpu = time.perf_counter(), time.process_time()
+    loss = run(n)
+    print(_TAG + json.dumps({"seconds": time.perf_counter() - start, "loss": loss,
+                      "cpu_seconds": time.process_time() - cpu}), flush=True)
+
+
+class Worker:
+  """A train_worker child, asked for timings one request at a time."""
+
+  def __init__(self, kind: str, spec: dict, env: dict | None, log: str):
+    here = os.path.dirname(os.path.abspath(__file__))
+    self.kind = kind
+    self.log = log
+    # stderr goes to a file: a pipe nobody reads would stall a chatty worker once it fills.
+    with open(log, "w") as err:
+      self.proc = subprocess.Popen(python_cmd(_WORKER, here, kind, json.dumps(spec)),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                   text=True, env=env)
+    self.info = self._answer()
+
+  def _answer(self) -> dict:
+    while True:  # skipping whatever else a library prints on stdout
+      line = self.proc.stdout.readline()
+      if not line:
+        self.proc.wait()
+        with open(self.log) as f:
+          err = f.read()
+        sys.exit(f"bench: the {self.kind} worker failed (exit status {self.proc.returncode}):"
+                 f"\n{err[-4000:]}")
+      if line.startswith(_TAG):
+        return json.loads(line[len(_TAG):])
+
+  def time(self, steps: int) -> dict:
+    self.proc.stdin.write(f"{steps}\n")
+    self.proc.stdin.flush()
+    return self._answer()
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
+    self.proc.stdout.close()
+
+
+def median(xs):
+  xs = sorted(xs)
+  n = len(xs)
+  return (xs[n // 2] + xs[(n - 1) // 2]) / 2
+
+
+def cpu_busy_seconds() -> float | None:
+  """CPU-seconds the whole machine has spent busy since boot (Linux /proc/stat), or None."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return None
+  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+  return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def interleave(workers: dict[str, Worker], steps: int, rounds: int, tokens: int,
+               quiet: float = 0.15, max_rounds: int | None = None) -> tuple[dict, list, int]:
+  """tokens/s of each worker, timed in rounds: each round times every worker once in turn (the
+  order rotating), so that a load change on a shared machine hits all of them alike.
+
+  On a shared machine other processes come and go, and torch's OpenMP threads in particular slow
+  down many times over when they do; a round during which other processes used more than
+  `quiet` of the CPUs is repeated, up to `max_rounds` (default 3 * rounds) in all, until
+  `rounds` quiet rounds are in. Returns ({name: [tokens/s per round]}, [background CPU share
+  per round], how many rounds were thrown away); where no quiet round could be had, all rounds
+  are kept.
+  """
+  names = list(workers)
+  every, shares = {name: [] for name in names}, []
+  max_rounds = max_rounds or 3 * rounds
+  ncpu = os.cpu_count() or 1
+  r = 0
+  while r < max_rounds and len(shares) - sum(s > quiet for s in shares) < rounds:
+    share = 0.0
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      busy = cpu_busy_seconds()
+      answer = workers[name].time(steps)
+      every[name].append(steps * tokens / answer["seconds"])
+      if busy is not None:
+        others = cpu_busy_seconds() - busy - answer["cpu_seconds"]
+        share = max(share, others / (answer["seconds"] * ncpu))
+    shares.append(max(0.0, share))
+    r += 1
+  keep = [i for i, s in enumerate(shares) if s <= quiet] or list(range(len(shares)))
+  kept = {name: [every[name][i] for i in keep] for name in names}
+  return kept, [shares[i] for i in keep], len(shares) - len(keep)
+
+
+_PEAK = ("import json, sys; sys.path.insert(0, sys.argv[1]); "
+         "from zoo.train.metrics import measure_peak_flops; "
+         "print(json.dumps(measure_peak_flops(repeats=int(sys.argv[2]))))")
+
+
+def add_train_args(p: argparse.ArgumentParser):
+  p.add_argument("--steps", type=int, default=5, help="train steps per timing (default 5)")
+  p.add_argument("--rounds", type=int, default=7,
+                 help="timings of each side, interleaved, medians reported; a round in which "
+                      "other processes used over 15%% of the CPUs is repeated (default 7)")
+  p.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling (default 3)")
+  p.add_argument("--vocab", default="2000,32000", help="vocabulary sizes (default 2000,32000)")
+  p.add_argument("--batch", type=int, default=8, help="batch size (default 8)")
+  p.add_argument("--seq-len", type=int, default=128, help="sequence length (default 128)")
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                 help="zoo's compute dtype (default float32; transformers stays float32)")
+  p.add_argument("--devices", type=int, default=1,
+                 help="run zoo data-parallel over this many host CPU devices (default 1)")
+  p.add_argument("--xla-defaults", action="store_true",
+                 help="compile zoo with XLA:CPU's default options, not the bench's "
+                      f"{CPU_COMPILER_OPTIONS}")
+  p.add_argument("--xla-flags", default="", help="XLA_FLAGS for zoo's process (default none)")
+  p.add_argument("--no-peer", action="store_true", help="time zoo alone")
+
+
+def bench_train(args, workdir: str) -> dict:
+  """zoo's jitted train step against transformers + torch eager on the same shapes: tokens/s,
+  their ratio and MFU, on the CPU."""
+  try:
+    vocabs = [int(v) for v in args.vocab.split(",")]
+  except ValueError:
+    sys.exit(f"bench: --vocab takes comma-separated integers, got {args.vocab!r}")
+  if (min(vocabs + [args.steps, args.rounds, args.batch, args.seq_len, args.devices]) < 1
+      or args.warmup < 0):
+    sys.exit("bench: --vocab, --steps, --rounds, --batch, --seq-len and --devices must be "
+             "positive")
+  if args.batch % args.devices:
+    sys.exit(f"bench: --batch {args.batch} does not split over {args.devices} devices")
+  here = os.path.dirname(os.path.abspath(__file__))
+  xla_flags = args.xla_flags
+  if args.devices > 1:
+    xla_flags += f" --xla_force_host_platform_device_count={args.devices}"
+  # zoo's process sees only these XLA flags (not the caller's, which may fake 8 devices), and
+  # only the CPU: transformers runs there.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags.strip())
+  options = {} if args.xla_defaults else CPU_COMPILER_OPTIONS
+  tokens = args.batch * args.seq_len
+
+  def measure_peak() -> dict:
+    out = measure(python_cmd(_PEAK, here, "5"), "measuring the matmul peak", env).output
+    return json.loads(out.strip().splitlines()[-1])
+
+  # The peak is the best of several measurements (at the start and after each vocabulary): on a
+  # shared machine one measurement can land in a busy moment, which would inflate the MFU.
+  peaks = [measure_peak()]
+  print(f"zoo: jit compiler options {options}, XLA_FLAGS={env['XLA_FLAGS']!r}, "
+        f"{args.devices} device(s), {args.dtype}; transformers: float32, "
+        f"{os.cpu_count()} torch threads")
+  from_zoo = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench; "
+              "from zoo.train.metrics import flops_per_token; "
+              "print(json.dumps([flops_per_token(bench.train_config(v, int(sys.argv[2])), "
+              "int(sys.argv[2])) for v in json.loads(sys.argv[3])]))")
+  fpt = json.loads(measure(python_cmd(from_zoo, here, str(args.seq_len), json.dumps(vocabs)),
+                           "counting FLOPs").output.strip().splitlines()[-1])
+  per_vocab = {}
+  for vocab, flops in zip(vocabs, fpt):
+    spec = {"vocab": vocab, "batch": args.batch, "seq_len": args.seq_len, "warmup": args.warmup,
+            "dtype": args.dtype, "remat": "none", "devices": args.devices,
+            "compiler_options": options, "threads": os.cpu_count() or 1}
+    log = os.path.join(workdir, f"{{}}-{vocab}.log")
+    workers = {"zoo": Worker("zoo", spec, env, log.format("zoo"))}
+    if not args.no_peer:
+      workers["transformers"] = Worker("torch", spec, None, log.format("transformers"))
+    try:
+      rates, shares, dropped = interleave(workers, args.steps, args.rounds, tokens)
+    finally:
+      for w in workers.values():
+        w.close()
+    background = median(shares)
+    zoo_info = workers["zoo"].info
+    if zoo_info["options_refused"]:
+      print(f"  note: compiled with XLA's defaults; jax {zoo_info['jax']} refused the bench's "
+            f"options: {zoo_info['options_refused']}")
+    zoo_rate = median(rates["zoo"])
+    row = {"zoo_tokens_per_sec": round(zoo_rate, 1),
+           "zoo_rounds": [round(r, 1) for r in rates["zoo"]],
+           "flops_per_token": flops, "zoo_compile_s": round(zoo_info["compile_s"], 2),
+           "zoo_first_loss": round(zoo_info["first_loss"], 4),
+           "background_cpu": round(background, 3), "rounds_dropped": dropped,
+           "options_refused": zoo_info["options_refused"]}
+    line = (f"vocab {vocab:6d}: zoo {zoo_rate:7.0f} tokens/s (compiled in "
+            f"{zoo_info['compile_s']:.1f} s)")
+    if not args.no_peer:
+      peer_rate = median(rates["transformers"])
+      ratios = [z / t for z, t in zip(rates["zoo"], rates["transformers"])]
+      row.update({"peer_tokens_per_sec": round(peer_rate, 1),
+                  "peer_rounds": [round(r, 1) for r in rates["transformers"]],
+                  "ratio": round(median(ratios), 3),
+                  "peer_first_loss": round(workers["transformers"].info["first_loss"], 4)})
+      line += (f", transformers eager {peer_rate:7.0f} tokens/s: zoo/transformers "
+               f"{row['ratio']:.2f}x (median of {len(ratios)} paired rounds)")
+    print(line)
+    if dropped:
+      print(f"  {dropped} rounds repeated: other processes were using the CPUs")
+    if background > 0.15:
+      print(f"  WARNING: other processes used {background:.0%} of the CPUs in the kept rounds; "
+            f"these numbers are noise, run again on a quiet machine")
+    per_vocab[str(vocab)] = row
+    peaks.append(measure_peak())
+  peak = {k: max((p[k] for p in peaks if p.get(k)), default=None) for k in peaks[0]}
+  by = max((k for k in peak if k != "peak_flops" and peak[k]), key=lambda k: peak[k])
+  print(f"matmul peak (float32 2048^3, best of {5 * len(peaks)}): "
+        f"{peak['peak_flops'] / 1e9:.1f} GFLOP/s by {by}; "
+        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peak.items() if k != "peak_flops" and v))
+  for vocab, row in per_vocab.items():
+    row["mfu"] = round(row["zoo_tokens_per_sec"] * row["flops_per_token"] / peak["peak_flops"], 4)
+    if "peer_tokens_per_sec" in row:
+      row["peer_mfu"] = round(row["peer_tokens_per_sec"] * row["flops_per_token"]
+                              / peak["peak_flops"], 4)
+    print(f"vocab {vocab:>6s}: MFU zoo {row['mfu']:.1%}"
+          + (f", transformers {row['peer_mfu']:.1%}" if "peer_mfu" in row else "")
+          + f" ({row['flops_per_token'] / 1e6:.1f} MFLOP/token, MaxText convention)")
+  first = per_vocab[str(vocabs[0])]
+  result = {"mode": "train", "vocab": vocabs[0],
+            "zoo_tokens_per_sec": first["zoo_tokens_per_sec"],
+            "peer_tokens_per_sec": first.get("peer_tokens_per_sec"),
+            "ratio": first.get("ratio"), "mfu": first["mfu"],
+            "peak_flops": peak["peak_flops"], "peak_by": by,
+            "peak_detail": {k: v for k, v in peak.items() if k != "peak_flops"},
+            "per_vocab": per_vocab, "batch": args.batch, "seq_len": args.seq_len,
+            "dtype": args.dtype, "devices": args.devices, "steps": args.steps,
+            "rounds": args.rounds, "compiler_options": options, "xla_flags": env["XLA_FLAGS"],
+            "peer": None if args.no_peer else "transformers eager"}
+  result["quiet"] = all(r["background_cpu"] <= 0.15 for r in per_vocab.values())
+  if not args.no_peer:
+    ok = all(r["ratio"] >= 1.0 for r in per_vocab.values())
+    result["ratio_target"] = 1.0
+    result["within_target"] = ok
+    verdict = ("PASS" if ok else "FAIL") if result["quiet"] else "NOISY (busy machine)"
+    print(f"{verdict}: zoo/transformers "
+          + ", ".join(f"{r['ratio']:.2f}x at vocab {v}" for v, r in per_vocab.items())
+          + " (target >= 1.0)")
+  return result
+
+
+# ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
@@ -265,6 +654,8 @@ class Mode:
 MODES: dict[str, Mode] = {
   "convert": Mode("HF safetensors -> zoo conversion: MB/s and peak RSS", add_convert_args,
                   bench_convert),
+  "train": Mode("zoo's train step vs transformers eager on CPU: tokens/s and MFU",
+                add_train_args, bench_train),
 }
 
 
