@@ -101,6 +101,8 @@ def rope_cos_sin(config: LlamaConfig, positions: jax.Array, dtype) -> tuple[jax.
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   """Rotates x [B, T, heads, head_dim] by the tables [B, T, head_dim] (rotate-half layout)."""
+  # Both halves of the tables are equal, so the rotation is done half by half.
   half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  x1, x2 = x[..., :half], x[..., half:]
+  c, s = cos[:, :, None, :half], sin[:, :, None, :half]
+  return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
