@@ -2,10 +2,16 @@
 
     python tools/bench.py convert [--size-mb 1000] [--shards 4] [--workdir DIR] [--keep]
     python tools/bench.py train [--steps 5] [--rounds 7] [--vocab 2000,32000] [--devices 1]
+    python tools/bench.py decode [--batches 1,8] [--new-tokens 64] [--rounds 5]
 
 `train` times zoo's jitted train step (AdamW, float32) on a tiny LLaMA against transformers'
 LlamaForCausalLM in torch eager with torch.optim.AdamW, each in its own process, alternating,
 and reports tokens/s, the ratio and MFU against the machine's measured matmul peak.
+
+`decode` times greedy generation (batch 1 and 8) of zoo's KV-cache Generator against
+transformers' generate on the same 58M-parameter float32 LLaMA, and the bound a step's weight
+reads set: the bytes of every weight but the input embedding table over the machine's read
+bandwidth (the best of numpy's and torch's sum over 1 GiB).
 
 Human-readable lines first; the last line of a successful run is one JSON object with the
 results, so that scripts can read it with `tail -n 1`. MB means MiB (2**20 bytes) throughout.
@@ -398,7 +404,9 @@ def train_worker(kind: str, spec: dict):
   Each answer is one JSON line on stdout. Between requests the worker blocks on stdin, so only
   one side runs at a time and neither sees the other's threads.
   """
-  run, info = (zoo_stepper if kind == "zoo" else torch_stepper)(spec)
+  steppers = {"zoo": zoo_stepper, "torch": torch_stepper, "zoo-decode": zoo_decoder,
+              "torch-decode": torch_decoder}
+  run, info = steppers[kind](spec)
   info["first_loss"] = run(1)
   run(spec["warmup"])
   print(_TAG + json.dumps({"ready": True, **info}), flush=True)
@@ -643,6 +651,174 @@ def bench_train(args, workdir: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# decode
+
+# The issue's model: a small LLaMA of 58M parameters, float32.
+DECODE_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_layers=8,
+                    num_heads=8, num_kv_heads=8, head_dim=64, max_position_embeddings=2048)
+
+
+def decode_config():
+  from zoo.models.presets import get_preset
+  return get_preset("tiny_llama", **DECODE_MODEL)
+
+
+def decode_prompts(batch: int, length: int) -> list[list[int]]:
+  import numpy as np
+  rng = np.random.default_rng(0)
+  return rng.integers(3, DECODE_MODEL["vocab_size"], (batch, length)).tolist()
+
+
+def zoo_decoder(spec: dict):
+  """zoo's Generator, greedy, on the checkpoint: (run(n) -> tokens of the last call, info)."""
+  import jax
+
+  import zoo
+  from zoo.infer.generate import Generator
+  start = time.perf_counter()
+  generator = Generator(zoo.load(spec["checkpoint"]))
+  prompts = decode_prompts(spec["batch"], spec["prompt_len"])
+  generator.generate(prompts, max_new_tokens=spec["new_tokens"])  # compiles the bucket
+  info = {"compile_s": time.perf_counter() - start, "jax": jax.__version__}
+
+  def run(n: int) -> float:
+    for _ in range(n):
+      out = generator.generate(prompts, max_new_tokens=spec["new_tokens"])
+    assert all(len(o) == spec["new_tokens"] for o in out)
+    return float(out[0][-1])
+
+  return run, info
+
+
+def torch_decoder(spec: dict):
+  """transformers' generate (greedy, its default dynamic KV cache) on the same checkpoint."""
+  import torch
+  import transformers
+  torch.set_num_threads(spec["threads"])
+  model = transformers.LlamaForCausalLM.from_pretrained(spec["checkpoint"],
+                                                        dtype=torch.float32).eval()
+  ids = torch.tensor(decode_prompts(spec["batch"], spec["prompt_len"]))
+  mask = torch.ones_like(ids)
+
+  def run(n: int) -> float:
+    with torch.no_grad():
+      for _ in range(n):
+        out = model.generate(ids, attention_mask=mask, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, max_new_tokens=spec["new_tokens"],
+                             min_new_tokens=spec["new_tokens"])
+    assert out.shape[1] == spec["prompt_len"] + spec["new_tokens"]
+    return float(out[0, -1])
+
+  info = {"threads": torch.get_num_threads(), "torch": torch.__version__,
+          "transformers": transformers.__version__}
+  return run, info
+
+
+_BANDWIDTH = """
+import json, time, numpy as np, torch
+a = np.ones(2**28, np.float32)  # 1 GiB
+t = torch.from_numpy(a)
+best = {}
+for name, fn in (("numpy", a.sum), ("torch", t.sum)):
+  fn()
+  times = []
+  for _ in range(int(__import__("sys").argv[1])):
+    start = time.perf_counter(); fn(); times.append(time.perf_counter() - start)
+  best[name] = a.nbytes / min(times)
+print(json.dumps(best))
+"""
+
+
+def add_decode_args(p: argparse.ArgumentParser):
+  p.add_argument("--batches", default="1,8", help="batch sizes (default 1,8)")
+  p.add_argument("--new-tokens", type=int, default=64, help="tokens per generate (default 64)")
+  p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
+  p.add_argument("--rounds", type=int, default=5,
+                 help="interleaved timings of each side, medians reported (default 5)")
+  p.add_argument("--no-peer", action="store_true", help="time zoo alone")
+
+
+def bench_decode(args, workdir: str) -> dict:
+  """Greedy decoding tokens/s of zoo's Generator and of transformers' generate on the same
+  58M-parameter LLaMA, and the bound set by the bytes a step reads over the read bandwidth."""
+  try:
+    batches = [int(b) for b in args.batches.split(",")]
+  except ValueError:
+    sys.exit(f"bench: --batches takes comma-separated integers, got {args.batches!r}")
+  if min(batches + [args.new_tokens, args.prompt_len, args.rounds]) < 1:
+    sys.exit("bench: --batches, --new-tokens, --prompt-len and --rounds must be positive")
+  here = os.path.dirname(os.path.abspath(__file__))
+  checkpoint = os.path.join(workdir, "hf")
+  make = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench; "
+          "from zoo.cli import init_checkpoint; from zoo.models.presets import get_preset; "
+          "init_checkpoint('tiny_llama', sys.argv[2], to='hf', overrides=bench.DECODE_MODEL); "
+          "c = bench.decode_config(); "
+          "read = c.num_params() - c.vocab_size * c.hidden_size * (not c.tie_word_embeddings); "
+          "print(json.dumps({'params': c.num_params(), 'step_bytes': 4 * read}))")
+  model = json.loads(measure(python_cmd(make, here, checkpoint), "writing the model"
+                             ).output.strip().splitlines()[-1])
+  bw = json.loads(measure(python_cmd(_BANDWIDTH, "5"), "measuring read bandwidth"
+                          ).output.strip().splitlines()[-1])
+  bandwidth = max(bw.values())
+  print(f"model: {model['params'] / 1e6:.1f}M parameters, float32; a decode step reads "
+        f"{model['step_bytes'] / 1e6:.0f} MB of weights; read bandwidth "
+        + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bw.items()))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  per_batch = {}
+  for batch in batches:
+    spec = {"checkpoint": checkpoint, "batch": batch, "new_tokens": args.new_tokens,
+            "prompt_len": args.prompt_len, "warmup": 1, "threads": os.cpu_count() or 1}
+    log = os.path.join(workdir, f"{{}}-{batch}.log")
+    workers = {"zoo": Worker("zoo-decode", spec, env, log.format("zoo"))}
+    if not args.no_peer:
+      workers["transformers"] = Worker("torch-decode", spec, env, log.format("transformers"))
+    try:
+      rates, shares, dropped = interleave(workers, 1, args.rounds, batch * args.new_tokens)
+    finally:
+      for w in workers.values():
+        w.close()
+    bound = bandwidth / model["step_bytes"] * batch
+    row = {"zoo_tokens_per_sec": round(median(rates["zoo"]), 1),
+           "zoo_rounds": [round(r, 1) for r in rates["zoo"]],
+           "bound_tokens_per_sec": round(bound, 1),
+           "zoo_fraction_of_bound": round(median(rates["zoo"]) / bound, 3),
+           "background_cpu": round(median(shares), 3), "rounds_dropped": dropped}
+    line = (f"batch {batch}: zoo {row['zoo_tokens_per_sec']:6.1f} tokens/s "
+            f"({row['zoo_fraction_of_bound']:.0%} of the bound {bound:.0f})")
+    if not args.no_peer:
+      ratios = [z / t for z, t in zip(rates["zoo"], rates["transformers"])]
+      row.update({"peer_tokens_per_sec": round(median(rates["transformers"]), 1),
+                  "peer_rounds": [round(r, 1) for r in rates["transformers"]],
+                  "ratio": round(median(ratios), 3)})
+      line += (f", transformers generate {row['peer_tokens_per_sec']:6.1f} tokens/s: "
+               f"zoo/transformers {row['ratio']:.2f}x")
+    print(line)
+    if row["background_cpu"] > 0.15:
+      print(f"  WARNING: other processes used {row['background_cpu']:.0%} of the CPUs")
+    per_batch[str(batch)] = row
+  targets = {"1": ("fraction of bound", 0.9, "zoo_fraction_of_bound"),
+             "8": ("ratio", 2.0, "ratio")}
+  verdicts = []
+  for b, (what, goal, key) in targets.items():
+    if b in per_batch and per_batch[b].get(key) is not None:
+      ok = per_batch[b][key] >= goal
+      per_batch[b]["within_target"] = ok
+      verdicts.append(f"batch {b} {what} {per_batch[b][key]:.2f} (target >= {goal}): "
+                      f"{'PASS' if ok else 'FAIL'}")
+  for v in verdicts:
+    print(v)
+  first = per_batch[str(batches[0])]
+  return {"mode": "decode", "batch": batches[0],
+          "zoo_tokens_per_sec": first["zoo_tokens_per_sec"],
+          "peer_tokens_per_sec": first.get("peer_tokens_per_sec"), "ratio": first.get("ratio"),
+          "bound_tokens_per_sec": first["bound_tokens_per_sec"], "per_batch": per_batch,
+          "read_bandwidth": bandwidth, "bandwidth_detail": bw, "step_bytes": model["step_bytes"],
+          "params": model["params"], "new_tokens": args.new_tokens,
+          "prompt_len": args.prompt_len, "rounds": args.rounds,
+          "peer": None if args.no_peer else "transformers generate"}
+
+
+# ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
@@ -656,6 +832,8 @@ MODES: dict[str, Mode] = {
                   bench_convert),
   "train": Mode("zoo's train step vs transformers eager on CPU: tokens/s and MFU",
                 add_train_args, bench_train),
+  "decode": Mode("greedy generation tokens/s vs transformers generate and the bandwidth bound",
+                 add_decode_args, bench_decode),
 }
 
 

@@ -3,6 +3,8 @@
     zoo train [--config configs/NAME.py[:ARGS]] [--workdir DIR] [--config.FIELD=VALUE ...]
     zoo convert SRC DST --to {zoo,hf} [--dtype bfloat16] [--verify] [--force]
     zoo init PRESET DST [--to zoo|hf] [--seed 0]
+    zoo generate --checkpoint DIR (--prompt TEXT | --prompt-ids 1,2,3) [--chat] [--json] ...
+    zoo eval --checkpoint DIR --data FILES_OR_TFDS_NAME [--seq-len N] [--batch-size N]
     zoo presets
     zoo demo [--workdir DIR]
 
@@ -142,6 +144,124 @@ def cmd_demo(args) -> int:
   return verify(hf_dir, zoo_dir, 1e-4)
 
 
+def _load_for_inference(args):
+  import zoo
+  from zoo.data.tokenizers import load_tokenizer
+  model = zoo.load(args.checkpoint, dtype=args.dtype)
+  tokenizer = None
+  source = args.tokenizer or args.checkpoint
+  if args.tokenizer or any(os.path.isfile(os.path.join(source, name))
+                           for name in ("tokenizer.json", "tokenizer.model")):
+    tokenizer = load_tokenizer(source)
+  return model, tokenizer
+
+
+def _stop_ids(args, model, tokenizer) -> list[int]:
+  """EOS ids from the tokenizer and the checkpoint's generation_config.json, plus --stop."""
+  import json
+  ids = set(args.stop_id or [])
+  if args.ignore_eos:
+    return sorted(ids)
+  if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
+    ids.add(int(tokenizer.eos_id))
+  path = os.path.join(args.checkpoint, "generation_config.json")
+  if os.path.isfile(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        eos = json.load(f).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+      eos = None
+    for value in eos if isinstance(eos, list) else [eos]:
+      if isinstance(value, int):
+        ids.add(value)
+  return sorted(ids)
+
+
+def cmd_generate(args) -> int:
+  import json
+
+  from zoo.infer.generate import Generator, Sampling
+  if (args.prompt is None) == (args.prompt_ids is None):
+    raise ZooError("generate: give exactly one of --prompt TEXT and --prompt-ids 1,2,3")
+  sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+  model, tokenizer = _load_for_inference(args)
+  if args.prompt_ids is not None:
+    try:
+      ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+    except ValueError:
+      raise ZooError(f"generate: --prompt-ids must be comma-separated integers, got "
+                     f"{args.prompt_ids!r}") from None
+    if args.chat:
+      raise ZooError("generate: --chat needs a text --prompt")
+  else:
+    if tokenizer is None:
+      raise ZooError(f"generate: {args.checkpoint} has no tokenizer (tokenizer.json or "
+                     "tokenizer.model): give --tokenizer FILE or --prompt-ids")
+    if args.chat:
+      from zoo.infer.chat import render_chat
+      template_dir = args.tokenizer if args.tokenizer and os.path.isdir(args.tokenizer) \
+        else args.checkpoint
+      # The template writes the BOS token itself, as text.
+      ids = tokenizer.encode(render_chat(template_dir, [{"role": "user", "content": args.prompt}]))
+    else:
+      ids = tokenizer.encode(args.prompt)
+      if not args.no_bos and getattr(tokenizer, "bos_id", None) is not None:
+        ids = [int(tokenizer.bos_id)] + ids
+  stop = _stop_ids(args, model, tokenizer)
+  generator = Generator(model)
+  stream = tokenizer is not None and not args.json
+  shown = {"ids": [], "text": ""}
+
+  def on_tokens(tokens, active):
+    if not stream or not active[0]:
+      return
+    token = int(tokens[0])
+    if token in stop:
+      return
+    shown["ids"].append(token)
+    text = tokenizer.decode(shown["ids"])
+    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+      sys.stdout.write(text[len(shown["text"]):])
+      sys.stdout.flush()
+      shown["text"] = text
+
+  out = generator.generate([ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
+                           seed=args.seed, stop_ids=stop, on_tokens=on_tokens)[0]
+  body = [t for t in out if t not in stop]
+  text = tokenizer.decode(body) if tokenizer is not None else None
+  if args.json:
+    print(json.dumps({"ids": out, "text": text}))
+  elif stream:
+    sys.stdout.write(text[len(shown["text"]):] + "\n")
+  else:
+    print(",".join(str(t) for t in out))
+  return 0
+
+
+def cmd_eval(args) -> int:
+  import json
+
+  from zoo.infer.evaluate import documents, perplexity
+  model, tokenizer = _load_for_inference(args)
+  if tokenizer is None:
+    raise ZooError(f"eval: {args.checkpoint} has no tokenizer (tokenizer.json or "
+                   "tokenizer.model): give --tokenizer FILE")
+  source = documents(args.data, split=args.split, data_dir=args.data_dir,
+                     text_key=args.text_key)
+  seq_len = args.seq_len or min(model.config.max_position_embeddings, 2048)
+  if seq_len > model.config.max_position_embeddings:
+    raise ZooError(f"eval: --seq-len {seq_len} exceeds the model's maximum length "
+                   f"{model.config.max_position_embeddings}")
+  result = perplexity(model, tokenizer, source, seq_len=seq_len, batch_size=args.batch_size,
+                      add_bos=not args.no_bos, progress=not args.json)
+  if args.json:
+    print(json.dumps(result))
+  else:
+    print(f"perplexity {result['perplexity']:.4f} (mean NLL {result['nll']:.6f} nats over "
+          f"{result['tokens']} tokens, {result['documents']} documents)")
+  return 0
+
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -229,6 +349,41 @@ def build_parser() -> argparse.ArgumentParser:
                  help="override a config field of the preset")
   i.add_argument("--force", action="store_true")
   i.set_defaults(func=cmd_init)
+
+  g = sub.add_parser("generate", help="generate text from a checkpoint")
+  g.add_argument("--checkpoint", required=True, help="a zoo or HF checkpoint directory")
+  g.add_argument("--prompt", help="prompt text (encoded with the checkpoint's tokenizer)")
+  g.add_argument("--prompt-ids", help="prompt token ids, comma-separated")
+  g.add_argument("--chat", action="store_true",
+                 help="wrap the prompt in the tokenizer's chat template (as the user's turn)")
+  g.add_argument("--json", action="store_true", help='print {"ids": [...], "text": ...}')
+  g.add_argument("--max-new-tokens", type=int, default=128)
+  g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+  g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0: all)")
+  g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: all)")
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--stop-id", type=int, action="append", help="also stop at this token id")
+  g.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+  g.add_argument("--no-bos", action="store_true", help="do not start a text prompt with BOS")
+  g.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's)")
+  g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  g.set_defaults(func=cmd_generate)
+
+  e = sub.add_parser("eval", help="perplexity of a checkpoint on text")
+  e.add_argument("--checkpoint", required=True, help="a zoo or HF checkpoint directory")
+  e.add_argument("--data", required=True,
+                 help="text files (comma-separated globs; .jsonl: one document per line) or "
+                      "a prepared TFDS dataset name")
+  e.add_argument("--split", default="validation", help="TFDS split (default validation)")
+  e.add_argument("--data-dir", help="TFDS data directory (default ~/tensorflow_datasets)")
+  e.add_argument("--text-key", default="text", help="JSONL/TFDS text field (default text)")
+  e.add_argument("--seq-len", type=int, help="predictions per row (default: model max, <= 2048)")
+  e.add_argument("--batch-size", type=int, default=8)
+  e.add_argument("--no-bos", action="store_true", help="do not start documents with BOS")
+  e.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's)")
+  e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  e.add_argument("--json", action="store_true", help="print the result as JSON")
+  e.set_defaults(func=cmd_eval)
 
   sub.add_parser("presets", help="list the model presets").set_defaults(func=cmd_presets)
 

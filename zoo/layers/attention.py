@@ -9,6 +9,7 @@ from flax import nnx
 from zoo.layers.linear import Linear
 from zoo.layers.rope import apply_rope
 from zoo.models.config import LlamaConfig
+from zoo.sharding import constrain
 
 
 def attention_mask(length: int, segment_ids: jax.Array | None, window: int | None):
@@ -24,6 +25,10 @@ def attention_mask(length: int, segment_ids: jax.Array | None, window: int | Non
   return mask
 
 
+# Logical axes of a KV cache array [batch, kv_heads, slots, head_dim].
+CACHE_AXES = ("batch", "kv_heads", "length", None)
+
+
 def dot_product_attention(q, k, v, *, segment_ids=None, window=None, implementation=None):
   """Causal attention. q: [B, T, N, H], k and v: [B, T, K, H] with N a multiple of K.
 
@@ -36,6 +41,58 @@ def dot_product_attention(q, k, v, *, segment_ids=None, window=None, implementat
                                         implementation=implementation)
   mask = attention_mask(q.shape[1], segment_ids, window)
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
+def cached_attention(q, k, v, cache: dict | None, positions, window: int | None):
+  """Attention of new tokens over a KV cache and themselves.
+
+  q [B, T, N, H], and k, v [B, T, K, H], are the new tokens at `positions` [B, T] (consecutive in
+  each row, from start[b] = positions[b, 0]); the cache {"k", "v": [B, K, S, H]} holds the keys
+  and values of the earlier tokens, a token's slot being its position, so that slot s is visible
+  from position p when s < start (and p - s < window). cache None means no earlier tokens.
+  The cache is only read here (see `write_cache`), head-major, so both products read it in
+  place. Returns [B, T, N, H].
+  """
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  g = n // kv
+  # [B, T, K, G, H] -> [B, K, G * T, H]: each kv head's query rows, in (g, t) order.
+  qh = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
+  kn, vn = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+  p = positions[:, :, None]  # [B, T, 1]
+  key_pos = positions[:, None, :]  # [B, 1, T]
+  masks = [key_pos <= p]  # causal among the new tokens
+  scores = [jnp.einsum("bkqh,bkth->bkqt", qh, kn)]
+  values = [vn]
+  if cache is not None:
+    slots = jnp.arange(cache["k"].shape[2])[None, None, :]
+    masks.insert(0, slots < positions[:, :1, None])
+    scores.insert(0, jnp.einsum("bkqh,bksh->bkqs", qh, cache["k"].astype(q.dtype)))
+    values.insert(0, cache["v"].astype(q.dtype))
+  if window is not None:
+    masks = [m & (p - kp < window) for m, kp in
+             zip(masks, ([slots] if cache is not None else []) + [key_pos])]
+  mask = jnp.tile(jnp.concatenate(masks, axis=-1), (1, g, 1))[:, None]  # [B, 1, G * T, X]
+  logits = jnp.concatenate(scores, axis=-1).astype(jnp.float32) / jnp.sqrt(jnp.float32(h))
+  weights = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1).astype(q.dtype)
+  out, start = 0, 0
+  for val in values:
+    size = val.shape[2]
+    out = out + jnp.einsum("bkqs,bksh->bkqh", weights[..., start:start + size], val)
+    start += size
+  return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def write_cache(cache: dict, new: dict, start: jax.Array) -> dict:
+  """The cache {"k", "v": [B, K, S, H]} with `new` ({"k", "v": [B, K, T, H]}) written at slots
+  start[b] .. start[b] + T - 1 of each row.
+
+  Kept apart from the attention that reads the cache: a jitted function that only writes a
+  donated cache updates it in place, where one that also reads it gets it copied.
+  """
+  def one(c, n, s):  # one row: c [K, S, H], n [K, T, H]
+    return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (0, s, 0))
+  return {name: jax.vmap(one)(cache[name], new[name], start) for name in ("k", "v")}
 
 
 class Attention(nnx.Module):
@@ -53,12 +110,23 @@ class Attention(nnx.Module):
     self.v_proj = Linear(c.hidden_size, kv, ("embed", "kv_heads"), use_bias=c.qkv_bias, **kw)
     self.o_proj = Linear(q, c.hidden_size, ("heads", "embed"), use_bias=c.o_bias, **kw)
 
-  def __call__(self, x, cos, sin, segment_ids=None):
+  def __call__(self, x, cos, sin, segment_ids=None, cache=None, positions=None):
+    """Self-attention over x [B, T, D].
+
+    With `positions` [B, T] given, x holds new tokens at those positions (consecutive in each
+    row) after the earlier ones in `cache` ({"k", "v": [B, K, S, H]}, None for none), and the
+    result is (output, the new tokens' {"k", "v": [B, K, T, H]}) for `write_cache`.
+    """
     b, t, _ = x.shape
     q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = dot_product_attention(q, k, v, segment_ids=segment_ids, window=self.window,
-                                implementation=self.implementation)  # [B, T, N, H]
-    return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+    if positions is None:
+      out = dot_product_attention(q, k, v, segment_ids=segment_ids, window=self.window,
+                                  implementation=self.implementation)  # [B, T, N, H]
+      return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+    out = cached_attention(q, k, v, cache, positions, self.window)
+    new = {"k": constrain(k.transpose(0, 2, 1, 3), CACHE_AXES),
+           "v": constrain(v.transpose(0, 2, 1, 3), CACHE_AXES)}
+    return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new

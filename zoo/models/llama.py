@@ -57,10 +57,14 @@ class DecoderLayer(nnx.Module):
     else:
       self.mlp = MLP(config, rngs=rngs, **kw)
 
-  def __call__(self, x, cos, sin, segment_ids=None):
-    x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
+  def __call__(self, x, cos, sin, segment_ids=None, cache=None, positions=None):
     ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
-    return x + ffn(self.post_attention_layernorm(x))
+    if positions is None:
+      x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
+      return x + ffn(self.post_attention_layernorm(x))
+    h, new = self.self_attn(self.input_layernorm(x), cos, sin, cache=cache, positions=positions)
+    x = x + h
+    return x + ffn(self.post_attention_layernorm(x)), new
 
 
 class Llama(nnx.Module):
@@ -106,12 +110,31 @@ class Llama(nnx.Module):
       run = nnx.remat(_apply_layer, policy=REMAT_POLICIES[self.remat])
     for layer in self.layers:
       x = constrain(run(layer, x, cos, sin, segment_ids), ("batch", "length", "embed"))
+    return self.head(x)
+
+  def head(self, x: jax.Array) -> jax.Array:
+    """Logits [..., vocab] of the last layer's hidden states x [..., D] (final norm included)."""
     x = self.norm(x)
     if self.config.tie_word_embeddings:
       logits = self.embed_tokens.attend(x)
     else:
       logits = self.lm_head(x)
-    return constrain(logits, ("batch", "length", "vocab"))
+    return constrain(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits
+
+  def decode(self, tokens: jax.Array, positions: jax.Array, cache: list[dict] | None
+             ) -> tuple[jax.Array, list[dict]]:
+    """Hidden states [B, T, D] (before the final norm) of tokens [B, T] at `positions`
+    (consecutive in each row) that follow the tokens in the KV cache (one {"k", "v"} per layer,
+    or None when there are none), and the new tokens' keys and values for
+    `zoo.layers.attention.write_cache`. A token's cache slot is its position."""
+    cos, sin = rope_cos_sin(self.config, positions, self.dtype)
+    x = constrain(self.embed_tokens(tokens), ("batch", "length", "embed"))
+    new = []
+    for i, layer in enumerate(self.layers):
+      x, kv = layer(x, cos, sin, cache=None if cache is None else cache[i], positions=positions)
+      x = constrain(x, ("batch", "length", "embed"))
+      new.append(kv)
+    return x, new
 
   def logits(self, tokens) -> np.ndarray:
     """float32 logits [B, T, vocab] as a numpy array, for int tokens [B, T]."""

@@ -1,0 +1,161 @@
+"""KV-cache generation against transformers' generate, and sampling against a numpy reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import zoo
+from tests.conftest import hf_model
+from zoo.errors import ZooError
+from zoo.infer.generate import Generator, Sampling, sample
+
+VARIANTS = {
+  "llama_gqa": ("llama", dict()),
+  "llama_mqa": ("llama", dict(num_key_value_heads=1)),
+  "llama3_rope_tied": ("llama", dict(tie_word_embeddings=True, rope_parameters={
+      "rope_type": "llama3", "rope_theta": 500000.0, "factor": 4.0, "low_freq_factor": 2.0,
+      "high_freq_factor": 8.0, "original_max_position_embeddings": 32})),
+  "qwen2_bias": ("qwen2", dict()),
+  "mistral_window_8": ("mistral", dict(sliding_window=8)),
+  "mixtral_window_8": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2,
+                                       sliding_window=8)),
+}
+NEW_TOKENS = 40
+PROMPT_LENGTHS = (5, 17, 9)
+
+
+def prompts(vocab=128, seed=1):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, vocab, n).tolist() for n in PROMPT_LENGTHS]
+
+
+def hf_greedy(model, prompt, n):
+  ids = torch.tensor([prompt])
+  out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                       min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+  return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_greedy_batch_matches_transformers_one_by_one(variant, save_hf):
+  """A batch of prompts of different lengths, generated together past the sliding window,
+  equals transformers' greedy generate run on each prompt alone."""
+  family, overrides = VARIANTS[variant]
+  ref = hf_model(family, **overrides)
+  generator = Generator(zoo.load(save_hf(ref)))
+  batch = prompts()
+  ours = generator.generate(batch, max_new_tokens=NEW_TOKENS)
+  for prompt, got in zip(batch, ours):
+    assert got == hf_greedy(ref, prompt, NEW_TOKENS)
+  assert generator.generate(batch[1:2], max_new_tokens=NEW_TOKENS) == ours[1:2]
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "mistral_window_8", "mixtral_window_8"])
+def test_cached_logits_equal_full_forward_every_step(variant, save_hf):
+  family, overrides = VARIANTS[variant]
+  model = zoo.load(save_hf(hf_model(family, **overrides)))
+  generator = Generator(model)
+  seq = np.random.default_rng(2).integers(0, 128, (2, 30))
+  lengths = np.array([6, 11])
+  full = model.logits(seq)  # [2, 30, V]: the reference, no cache
+  tokens = np.where(np.arange(16)[None] < lengths[:, None], seq[:, :16], 0)
+  logits, cache = generator.prefill(tokens, lengths, generator.init_cache(2, 128))
+  np.testing.assert_allclose(logits, full[[0, 1], lengths - 1], atol=1e-4, rtol=0)
+  positions = lengths.copy()
+  for _ in range(30 - lengths.max()):  # more steps than the window of 8
+    logits, cache = generator.step(seq[[0, 1], positions], positions, cache)
+    np.testing.assert_allclose(logits, full[[0, 1], positions], atol=1e-4, rtol=0)
+    positions += 1
+
+
+def numpy_allowed(logits, temperature, top_k, top_p):
+  """The tokens top-k then top-p leave, computed independently with numpy (float64)."""
+  z = logits.astype(np.float64) / temperature
+  keep = np.ones(z.shape, bool)
+  if top_k:
+    kth = np.sort(z, axis=-1)[:, -top_k][:, None]
+    keep &= z >= kth
+  if top_p < 1:
+    for row in range(z.shape[0]):
+      order = np.argsort(-np.where(keep[row], z[row], -np.inf), kind="stable")
+      p = np.exp(z[row, order] - z[row, order[0]]) * keep[row, order]
+      p /= p.sum()
+      n = int(np.searchsorted(np.cumsum(p), top_p - 1e-12)) + 1
+      allowed = np.zeros(z.shape[1], bool)
+      allowed[order[:n]] = True
+      keep[row] &= allowed
+  return keep
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+  (1.0, 5, 1.0), (0.7, 0, 0.6), (1.3, 20, 0.8), (1.0, 1, 1.0)])
+def test_sampling_stays_inside_top_k_top_p(temperature, top_k, top_p):
+  rng = np.random.default_rng(3)
+  logits = (rng.standard_normal((4, 64)) * 3).astype(np.float32)
+  allowed = numpy_allowed(logits, temperature, top_k, top_p)
+  sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p)
+  draw = jax.jit(lambda key: sample(jnp.asarray(logits), key, sampling))
+  seen = np.stack([np.asarray(draw(jax.random.key(i))) for i in range(300)])  # [300, 4]
+  for row in range(4):
+    assert allowed[row, seen[:, row]].all()
+    # and it really samples: more than one token wherever more than one is allowed
+    assert len(set(seen[:, row])) > 1 or allowed[row].sum() == 1
+  if top_k == 1:  # top-1 is greedy
+    assert (seen == logits.argmax(-1)).all()
+
+
+def test_sampled_generation_is_reproducible_by_seed(save_hf):
+  generator = Generator(zoo.load(save_hf(hf_model("llama"))))
+  sampling = Sampling(temperature=1.0, top_k=50, top_p=0.9)
+  batch = prompts()
+  a = generator.generate(batch, max_new_tokens=24, sampling=sampling, seed=7)
+  b = generator.generate(batch, max_new_tokens=24, sampling=sampling, seed=7)
+  c = generator.generate(batch, max_new_tokens=24, sampling=sampling, seed=8)
+  assert a == b and a != c
+  greedy = generator.generate(batch, max_new_tokens=24)
+  assert a != greedy
+
+
+def test_stop_tokens_and_max_length(save_hf):
+  ref = hf_model("llama", max_position_embeddings=24)
+  generator = Generator(zoo.load(save_hf(ref)))
+  batch = prompts()
+  free = generator.generate(batch, max_new_tokens=40)
+  # never past the model's maximum length
+  assert [len(p) + len(o) for p, o in zip(batch, free)] == [24, 24, 24]
+  stop = free[0][3]
+  stopped = generator.generate(batch, max_new_tokens=40, stop_ids=[stop])
+  assert stopped[0] == free[0][:free[0].index(stop) + 1]
+  for full, cut in zip(free, stopped):
+    assert cut == (full[:full.index(stop) + 1] if stop in full else full)
+
+
+def test_bad_prompts_are_refused(save_hf):
+  generator = Generator(zoo.load(save_hf(hf_model("llama", max_position_embeddings=24))))
+  for bad, message in (([[]], "empty"), ([[1, 2, 128]], "outside the vocabulary"),
+                       ([[-1]], "outside the vocabulary"), ([list(range(24))], "maximum length"),
+                       ([], "no prompts")):
+    with pytest.raises(ZooError, match=message):
+      generator.generate(bad, max_new_tokens=4)
+  with pytest.raises(ZooError, match="top_p"):
+    Sampling(temperature=1.0, top_p=0.0)
+
+
+def test_sharded_generation_equals_single_device(save_hf):
+  """Parameters and cache laid out by the training rules table on a (data 2, tensor 2) mesh
+  of host devices: the same greedy tokens as one device."""
+  from zoo import sharding
+  assert jax.device_count() >= 4
+  model = zoo.load(save_hf(hf_model("llama")))
+  batch = prompts() + [[3, 4, 5]]
+  expected = Generator(model).generate(batch, max_new_tokens=20)
+  mesh = sharding.make_mesh((2, 1, 2), devices=jax.devices()[:4])
+  generator = Generator(model, mesh=mesh, rules=sharding.DEFAULT_RULES)
+  q = generator.params["layers"][0]["self_attn"]["q_proj"]["kernel"]
+  assert q.sharding.spec[1] == "tensor"
+  cache = generator.init_cache(4, 128)
+  assert cache[0]["k"].sharding.spec[1] == "tensor"  # [batch, kv_heads, slots, head_dim]
+  assert "data" in cache[0]["k"].sharding.spec[0]
+  assert generator.generate(batch, max_new_tokens=20) == expected

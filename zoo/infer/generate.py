@@ -1,0 +1,268 @@
+"""Autoregressive generation with a preallocated KV cache.
+
+A prompt batch is right-padded to a length bucket and run once (prefill); then one jitted step
+per new token feeds each row's last token at that row's own position. A token's position is
+also its cache slot, so rows of different lengths never need shifting, padding slots are simply
+overwritten, and the attention mask is just "slot <= position" (and within the sliding window).
+The step is compiled once per (batch, cache length) bucket and reused for every token and call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zoo import sharding
+from zoo.errors import ZooError
+from zoo.layers.attention import CACHE_AXES, write_cache
+
+# Prompt lengths are padded up to a power of two of at least this, cache lengths to a multiple
+# of CACHE_BUCKET, so that a handful of compiled programs serve every request.
+MIN_PROMPT_BUCKET = 16
+CACHE_BUCKET = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is chosen: temperature 0 is greedy (argmax); otherwise the logits are
+  divided by the temperature, cut to the top_k most likely (0: no cut), then to the smallest set
+  whose probability reaches top_p (1.0: no cut), and sampled (transformers' order)."""
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if not self.temperature >= 0:
+      raise ZooError(f"temperature must be >= 0, got {self.temperature}")
+    if not (isinstance(self.top_k, int) and self.top_k >= 0):
+      raise ZooError(f"top_k must be a non-negative integer, got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ZooError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def allowed_tokens(logits: jax.Array, sampling: Sampling) -> jax.Array:
+  """Boolean [B, V]: the tokens that top-k and top-p leave in play for float32 logits [B, V]."""
+  logits = logits / sampling.temperature if sampling.temperature > 0 else logits
+  keep = jnp.ones(logits.shape, bool)
+  if sampling.top_k and sampling.top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+    keep &= logits >= kth
+  if sampling.top_p < 1.0:
+    masked = jnp.where(keep, logits, -jnp.inf)
+    ordered = jnp.sort(masked, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass of the more likely tokens
+    # The smallest prefix reaching top_p: every token whose predecessors hold less than top_p.
+    count = jnp.sum(before < sampling.top_p, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(ordered, count - 1, axis=-1)
+    keep &= logits >= threshold
+  return keep
+
+
+def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+  """Next tokens [B] (int32) from float32 logits [B, V]."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  scaled = logits / sampling.temperature
+  scaled = jnp.where(allowed_tokens(logits, sampling), scaled, -jnp.inf)
+  return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+def _bucket_prompt(length: int) -> int:
+  return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def _prefill(graphdef, params, tokens, lengths):
+  """Logits [B, V] after each row's last real token, and the prompt's keys and values."""
+  model = nnx.merge(graphdef, params)
+  b, t = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  x, new = model.decode(tokens, positions, None)
+  last = x[jnp.arange(b), lengths - 1]  # [B, D]
+  return model.head(last).astype(jnp.float32), new
+
+
+def _step(graphdef, params, tokens, positions, cache):
+  """Logits [B, V] after tokens [B] at `positions` [B], and their keys and values."""
+  model = nnx.merge(graphdef, params)
+  x, new = model.decode(tokens[:, None], positions[:, None], cache)
+  return model.head(x[:, 0]).astype(jnp.float32), new
+
+
+def _write(cache, new, start):
+  return [write_cache(c, n, start) for c, n in zip(cache, new, strict=True)]
+
+
+def _prefill_and_sample(graphdef, sampling, params, tokens, lengths, key):
+  logits, new = _prefill(graphdef, params, tokens, lengths)
+  return sample(logits, jax.random.fold_in(key, 0), sampling), new
+
+
+def _step_and_sample(graphdef, sampling, params, tokens, positions, index, cache, key):
+  logits, new = _step(graphdef, params, tokens, positions, cache)
+  next_tokens = sample(logits, jax.random.fold_in(key, index), sampling)
+  return next_tokens, positions + 1, index + 1, new
+
+
+class Generator:
+  """Generation for one model: `generate(prompts, ...)`, and `prefill`/`step` for the logits.
+
+  With a mesh, the parameters and the cache are placed by the rules table (the same table as
+  training: the cache is [batch, kv_heads, length, head_dim]) and activations are constrained
+  at block boundaries.
+  """
+
+  def __init__(self, model, *, mesh=None, rules=None):
+    self.config = model.config
+    self.dtype = model.dtype
+    self.graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    self.mesh, self.rules = mesh, tuple(rules or sharding.DEFAULT_RULES)
+    if mesh is not None:
+      params = jax.device_put(params, sharding.param_shardings(model, mesh, self.rules))
+    self.params = params
+    # Each token takes two programs: the step reads the cache, and `_write` (which only writes
+    # it) stores the new keys and values in place.
+    # The graph is bound here rather than passed as a static argument, which would be hashed
+    # on every call (milliseconds for a large graph).
+    self._prefill_logits = jax.jit(functools.partial(_prefill, self.graphdef))
+    self._step_logits = jax.jit(functools.partial(_step, self.graphdef))
+    self._write = jax.jit(_write, donate_argnums=0)
+    self._samplers: dict[Sampling, tuple] = {}
+
+  def _sampler(self, sampling: Sampling):
+    """(prefill, step) programs that also pick the next token, one pair per sampling rule."""
+    if sampling not in self._samplers:
+      self._samplers[sampling] = (
+        jax.jit(functools.partial(_prefill_and_sample, self.graphdef, sampling)),
+        jax.jit(functools.partial(_step_and_sample, self.graphdef, sampling)))
+    return self._samplers[sampling]
+
+  def _context(self):
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    return sharding.use(self.mesh, self.rules)
+
+  def init_cache(self, batch: int, slots: int) -> list[dict]:
+    """An empty cache of `slots` positions: per layer {"k", "v": [batch, K, slots, H]}."""
+    c = self.config
+    shape = (batch, c.num_kv_heads, slots, c.head_dim)
+    if self.mesh is None:
+      zeros = functools.partial(jnp.zeros, shape, self.dtype)
+    else:
+      spec = sharding.logical_to_spec(CACHE_AXES, self.rules, self.mesh, shape)
+      out = jax.sharding.NamedSharding(self.mesh, spec)
+      zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=out)
+    return [{"k": zeros(), "v": zeros()} for _ in range(c.num_layers)]
+
+  def _place(self, x):
+    x = jnp.asarray(x)
+    if self.mesh is None:
+      return x
+    spec = sharding.logical_to_spec(("batch", "length")[:x.ndim], self.rules, self.mesh,
+                                    x.shape)
+    return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
+
+  def prefill(self, tokens, lengths, cache):
+    """(logits [B, V] after each row's last prompt token, cache with the prompts written);
+    tokens [B, T] right-padded, lengths [B] the real lengths, cache fresh (it is donated)."""
+    with self._context():
+      tokens = self._place(np.asarray(tokens, np.int32))
+      logits, new = self._prefill_logits(self.params, tokens,
+                                         self._place(np.asarray(lengths, np.int32)))
+      return logits, self._write(cache, new, self._place(np.zeros(len(tokens), np.int32)))
+
+  def step(self, tokens, positions, cache):
+    """(logits [B, V] after tokens [B] at `positions` [B], cache with them written)."""
+    with self._context():
+      positions = self._place(np.asarray(positions, np.int32))
+      logits, new = self._step_logits(self.params,
+                                      self._place(np.asarray(tokens, np.int32)), positions,
+                                      cache)
+      return logits, self._write(cache, new, positions)
+
+  def check_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The prompts as lists of ints, or a ZooError naming what is wrong with them."""
+    c = self.config
+    if not len(prompts):
+      raise ZooError("no prompts given")
+    out = []
+    for i, prompt in enumerate(prompts):
+      ids = [int(t) for t in prompt]
+      if not ids:
+        raise ZooError(f"prompt {i} is empty")
+      bad = [t for t in ids if not 0 <= t < c.vocab_size]
+      if bad:
+        raise ZooError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
+                       f"(0..{c.vocab_size - 1})")
+      if len(ids) >= c.max_position_embeddings:
+        raise ZooError(f"prompt {i} has {len(ids)} tokens; the model's maximum length is "
+                       f"{c.max_position_embeddings}, leaving no room to generate")
+      out.append(ids)
+    return out
+
+  def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+               sampling: Sampling = Sampling(), seed: int = 0,
+               stop_ids: Sequence[int] = (), pad_id: int = 0,
+               on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None
+               ) -> list[list[int]]:
+    """New token ids for each prompt (a list of token ids): up to `max_new_tokens`, ending at
+    (and including) the first of `stop_ids`, and never past the model's maximum length.
+
+    on_tokens(tokens [B], active [B]) is called with each step's tokens as they come.
+    """
+    prompts = self.check_prompts(prompts)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+      raise ZooError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+    c = self.config
+    b = len(prompts)
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    dynamic = c.rope_scaling is not None and c.rope_scaling.rope_type == "dynamic"
+    limit = lengths + max_new_tokens
+    if not dynamic:
+      limit = np.minimum(limit, c.max_position_embeddings)
+    budget = limit - lengths  # new tokens each row may produce
+    prompt_len = _bucket_prompt(int(lengths.max()))
+    slots = max(prompt_len, _round_up(int(limit.max()), CACHE_BUCKET))
+    tokens = np.full((b, prompt_len), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+    stop = np.asarray(sorted(set(int(s) for s in stop_ids)), np.int64)
+
+    cache = self.init_cache(b, slots)
+    key = jax.random.key(seed)
+    with self._context():
+      prefill, step = self._sampler(sampling)
+      current, new = prefill(self.params, self._place(tokens), self._place(lengths), key)
+      cache = self._write(cache, new, self._place(np.zeros(b, np.int32)))
+      positions, index = self._place(lengths), jnp.ones((), jnp.int32)
+      out: list[list[int]] = [[] for _ in range(b)]
+      active = np.ones(b, bool)
+      for produced in range(1, int(budget.max()) + 1):
+        if produced < budget.max():  # queue the next step before waiting for this token
+          following, after, index, new = step(self.params, current, positions, index, cache,
+                                              key)
+          cache = self._write(cache, new, positions)
+          positions = after
+        host = np.asarray(current)
+        for i in np.flatnonzero(active):
+          out[i].append(int(host[i]))
+        if on_tokens is not None:
+          on_tokens(host, active.copy())
+        active &= ~np.isin(host, stop) & (np.array([len(o) for o in out]) < budget)
+        if not active.any():
+          break
+        current = following
+    return out
+
