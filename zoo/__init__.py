@@ -10,19 +10,24 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 
-def load(path: str, dtype=None, param_dtype=None, **model_kwargs):
+def load(path: str, dtype=None, param_dtype=None, adapter: str | None = None, **model_kwargs):
   """The model stored at `path` (a zoo checkpoint or an HF model directory; format detected).
 
   dtype is the compute dtype ("float32", "bfloat16"...; default float32); param_dtype the
-  parameters' dtype in memory (default: dtype). Returns a `zoo.models.llama.Llama` with
-  `.config` and `.logits(tokens)`.
+  parameters' dtype in memory (default: dtype). adapter: a LoRA adapter directory (zoo's own or
+  HF peft's) to apply on top. Returns a `zoo.models.llama.Llama` with `.config` and
+  `.logits(tokens)`.
   """
   from zoo.convert.checkpoint import Checkpoint
   from zoo.models.llama import from_params
   ckpt = Checkpoint(path)
   dtype = dtype or "float32"
-  return from_params(ckpt.config, ckpt.params(), dtype=dtype, param_dtype=param_dtype or dtype,
-                     **model_kwargs)
+  model = from_params(ckpt.config, ckpt.params(), dtype=dtype, param_dtype=param_dtype or dtype,
+                      **model_kwargs)
+  if adapter is not None:
+    from zoo.lora import load_adapter
+    load_adapter(model, adapter)
+  return model
 
 
 def save(model, path: str, *, dtype: str | None = None, force: bool = False):
@@ -30,7 +35,12 @@ def save(model, path: str, *, dtype: str | None = None, force: bool = False):
   import numpy as np
 
   from zoo.convert.checkpoint import save_params
+  from zoo.errors import ZooError
+  from zoo.lora import adapted_paths
   from zoo.models.llama import params_of
+  if adapted_paths(model):
+    raise ZooError("the model has LoRA adapters: save them with zoo.lora.save_adapter, or save "
+                   "zoo.lora.merged_model(model)")
   params = {name: np.asarray(value) for name, value in params_of(model).items()}
   save_params(model.config, params, path, force=force, dtype=dtype)
 

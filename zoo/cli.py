@@ -1,7 +1,7 @@
 """The `zoo` command line.
 
     zoo train [--config configs/NAME.py[:ARGS]] [--workdir DIR] [--config.FIELD=VALUE ...]
-    zoo convert SRC DST --to {zoo,hf} [--dtype bfloat16] [--verify] [--force]
+    zoo convert SRC DST --to {zoo,hf,peft} [--dtype bfloat16] [--verify] [--force]
     zoo init PRESET DST [--to zoo|hf] [--seed 0]
     zoo generate --checkpoint DIR (--prompt TEXT | --prompt-ids 1,2,3) [--chat] [--json] ...
     zoo eval --checkpoint DIR --data FILES_OR_TFDS_NAME [--seq-len N] [--batch-size N]
@@ -37,6 +37,11 @@ def _size(text: str) -> int:
 
 def cmd_convert(args) -> int:
   from zoo.convert.checkpoint import convert
+  if args.to == "peft":
+    from zoo.lora import adapter_to_peft
+    spec, weights = adapter_to_peft(args.src, args.dst, force=args.force)
+    print(f"wrote peft adapter {args.dst} (rank {spec.rank}, {len(weights) // 2} modules)")
+    return 0
   ckpt = convert(args.src, args.dst, args.to, dtype=args.dtype, force=args.force,
                  max_shard_bytes=args.max_shard_size)
   print(f"wrote {args.to} checkpoint {args.dst} ({ckpt.config.family}, "
@@ -147,7 +152,7 @@ def cmd_demo(args) -> int:
 def _load_for_inference(args):
   import zoo
   from zoo.data.tokenizers import load_tokenizer
-  model = zoo.load(args.checkpoint, dtype=args.dtype)
+  model = zoo.load(args.checkpoint, dtype=args.dtype, adapter=getattr(args, "adapter", None))
   tokenizer = None
   source = args.tokenizer or args.checkpoint
   if args.tokenizer or any(os.path.isfile(os.path.join(source, name))
@@ -327,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
   c = sub.add_parser("convert", help="convert a checkpoint between formats")
   c.add_argument("src", help="source checkpoint directory (format detected)")
   c.add_argument("dst", help="destination (must not exist unless --force)")
-  c.add_argument("--to", required=True, choices=["zoo", "hf"], help="output format")
+  c.add_argument("--to", required=True, choices=["zoo", "hf", "peft"],
+                 help="output format (peft: a zoo LoRA adapter directory to HF peft's files)")
   c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                  help="cast the weights (default: keep)")
   c.add_argument("--force", action="store_true", help="replace an existing destination")
@@ -367,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--no-bos", action="store_true", help="do not start a text prompt with BOS")
   g.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's)")
   g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+  g.add_argument("--adapter", help="a LoRA adapter directory (zoo's or HF peft's) to apply")
   g.set_defaults(func=cmd_generate)
 
   e = sub.add_parser("eval", help="perplexity of a checkpoint on text")
@@ -383,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--tokenizer", help="tokenizer file or directory (default: the checkpoint's)")
   e.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
   e.add_argument("--json", action="store_true", help="print the result as JSON")
+  e.add_argument("--adapter", help="a LoRA adapter directory (zoo's or HF peft's) to apply")
   e.set_defaults(func=cmd_eval)
 
   sub.add_parser("presets", help="list the model presets").set_defaults(func=cmd_presets)

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zoo.layers.quant import QTensor, dequantize
+
 Names = tuple[str | None, ...]
 
 
@@ -18,6 +20,15 @@ def param(rngs: nnx.Rngs | None, init, shape, dtype, names: Names) -> nnx.Param:
   """A parameter of `shape` from `init(key, shape, dtype)`, annotated with logical `names`."""
   key = rngs.params() if rngs is not None else jax.random.key(0)
   return nnx.Param(init(key, shape, dtype), out_sharding=names, eager_sharding=False)
+
+
+def base_kernel(var: nnx.Variable, dtype) -> jax.Array:
+  """A frozen weight's value in `dtype`: dequantized on the fly when it is held quantized
+  (QLoRA, zoo.layers.quant)."""
+  value = var.get_value()
+  if isinstance(value, QTensor):
+    return dequantize(value, dtype)
+  return value.astype(dtype)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -39,11 +50,19 @@ class Linear(nnx.Module):
     self.kernel = param(rngs, nnx.initializers.normal(std), (din, dout), param_dtype, names)
     self.bias = (param(rngs, nnx.initializers.zeros, (dout,), param_dtype, names[-1:])
                  if use_bias else None)
+    self.names = tuple(names)
+    # A low-rank adapter (zoo.lora.add_lora): y += (x @ lora_a) @ lora_b * lora_scale.
+    self.lora_a = self.lora_b = None
+    self.lora_scale = 0.0
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    x = x.astype(self.dtype)
+    y = matmul(x, base_kernel(self.kernel, self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.lora_a is not None:
+      low = matmul(x, self.lora_a[...].astype(self.dtype))
+      y = y + matmul(low, self.lora_b[...].astype(self.dtype)) * self.lora_scale
     return y
 
 
@@ -55,10 +74,17 @@ class Embed(nnx.Module):
     self.dtype = dtype
     self.embedding = param(rngs, nnx.initializers.normal(std), (vocab, dim), param_dtype,
                            ("vocab", "embed"))
+    # A low-rank adapter of the lookup (zoo.lora.add_lora): lora_a [vocab, r], lora_b [r, dim].
+    self.lora_a = self.lora_b = None
+    self.lora_scale = 0.0
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+    out = jnp.take(base_kernel(self.embedding, self.dtype), tokens, axis=0)
+    if self.lora_a is not None:
+      low = jnp.take(self.lora_a[...].astype(self.dtype), tokens, axis=0)
+      out = out + matmul(low, self.lora_b[...].astype(self.dtype)) * self.lora_scale
+    return out
 
   def attend(self, x: jax.Array) -> jax.Array:
-    # x: [B, T, D] -> [B, T, V]
-    return matmul(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+    # x: [B, T, D] -> [B, T, V]; the tied output projection does not see the lookup's adapter.
+    return matmul(x.astype(self.dtype), base_kernel(self.embedding, self.dtype).T)

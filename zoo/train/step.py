@@ -26,14 +26,16 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
   return log_z - target_logit, log_z
 
 
-def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch) -> jax.Array:
-  model = nnx.merge(graphdef, params)
+def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch, frozen: dict | None = None
+            ) -> jax.Array:
+  """Logits of the model `graphdef` with `params` (and, for LoRA, the frozen base tree)."""
+  model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
   return model(batch["tokens"], batch["positions"], batch["segment_ids"])
 
 
-def batch_sums(graphdef, params, batch: Batch, z_loss: float):
+def batch_sums(graphdef, params, batch: Batch, z_loss: float, frozen: dict | None = None):
   """(objective sum, (nll sum, weight sum)) over a batch; per-token weights mask the loss."""
-  nll, log_z = token_losses(forward(graphdef, params, batch), batch["targets"])
+  nll, log_z = token_losses(forward(graphdef, params, batch, frozen), batch["targets"])
   w = batch["weights"].astype(jnp.float32)
   nll_sum = jnp.sum(nll * w)
   objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z) * w)
@@ -41,16 +43,22 @@ def batch_sums(graphdef, params, batch: Batch, z_loss: float):
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, z_loss: float = 0.0, grad_accum: int = 1):
+                    schedule: optax.Schedule, *, z_loss: float = 0.0, grad_accum: int = 1,
+                    frozen: bool = False):
   """The train step for a model graph and optimizer.
 
   With grad_accum > 1 the batch is split into that many microbatches (every grad_accum-th row,
   so each device keeps its own rows) whose gradient sums are added before one update; the
   result equals one step on the whole batch up to float summation order.
-  """
-  grad_fn = jax.value_and_grad(lambda p, b: batch_sums(graphdef, p, b, z_loss), has_aux=True)
 
-  def accumulate(params, batch):
+  frozen=True (LoRA): `graphdef` comes from `nnx.split(model, nnx.LoRAParam, nnx.Param)`, the
+  state's params are the adapter tree, and the step is `train_step(state, batch, base)` with the
+  frozen base tree an input that is read, never differentiated, updated or returned.
+  """
+
+  def accumulate(params, batch, base=None):
+    grad_fn = jax.value_and_grad(lambda p, b: batch_sums(graphdef, p, b, z_loss, base),
+                                 has_aux=True)
     if grad_accum == 1:
       (_, (nll, weight)), grads = grad_fn(params, batch)
       return grads, nll, weight
@@ -68,9 +76,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     (grads, nll, weight), _ = jax.lax.scan(body, (zeros, 0.0, 0.0), jax.tree.map(split, batch))
     return grads, nll, weight
 
-  def train_step(state: State, batch: Batch) -> tuple[State, dict]:
+  def train_step(state: State, batch: Batch, base: dict | None = None
+                 ) -> tuple[State, dict]:
+    if frozen and base is None:
+      raise ValueError("this train step needs the frozen base tree")
     params = state["params"]
-    grads, nll, weight = accumulate(params, batch)
+    grads, nll, weight = accumulate(params, batch, base)
     denom = jnp.maximum(weight, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -84,7 +95,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 def make_eval_step(graphdef: nnx.GraphDef):
-  def eval_step(params: dict, batch: Batch) -> dict:
-    _, (nll, weight) = batch_sums(graphdef, params, batch, 0.0)
+  def eval_step(params: dict, batch: Batch, base: dict | None = None) -> dict:
+    _, (nll, weight) = batch_sums(graphdef, params, batch, 0.0, base)
     return {"nll_sum": nll, "weight": weight}
   return eval_step

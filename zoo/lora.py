@@ -1,0 +1,436 @@
+"""LoRA: low-rank adapters as a parameter tree of their own, and their files.
+
+`add_lora(model, spec)` gives the chosen Linear layers (and optionally the token embedding) two
+`nnx.LoRAParam`s, A [in, r] and B [r, out], and the layer adds (x @ A) @ B * scale to its
+output, scale = alpha / r (alpha / sqrt(r) with rsLoRA). B starts at zero (A for the
+embedding, as peft does), so the adapted model starts equal to its base. Split with
+`nnx.split(model, nnx.LoRAParam, nnx.Param)`, the adapters form one tree and the frozen base
+another: a train step differentiates the first only and takes the second as a plain input.
+The adapters carry logical axis names from the weights they adapt (A: (in, None), B:
+(None, out)), so the rules table shards them alongside.
+
+Files: a zoo adapter directory is `zoo_adapter.json` (the spec) + `adapter.safetensors` (dotted
+paths such as `layers.0.self_attn.q_proj.lora_a`); `save_peft`/`load_peft` read and write HF peft's
+`adapter_config.json` + `adapter_model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from zoo.errors import ZooError
+from zoo.layers.linear import Embed, Linear
+
+ADAPTER_META = "zoo_adapter.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FORMAT_VERSION = 1
+# Module names a target list may use; "all-linear" means every projection but the output head.
+LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+OTHER_TARGETS = ("embed_tokens", "lm_head")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+  """Which layers get adapters and how big: targets are module names (`q_proj`, ...,
+  `embed_tokens`, `lm_head`, or "all-linear") or one regex over module paths written
+  `re:PATTERN` (e.g. `re:layers\\.[0-3]\\.self_attn\\.(q|v)_proj`)."""
+  rank: int = 8
+  alpha: float = 16.0
+  targets: tuple[str, ...] = ("q_proj", "v_proj")
+  dropout: float = 0.0
+  rslora: bool = False
+
+  def __post_init__(self):
+    if not isinstance(self.rank, int) or self.rank < 1:
+      raise ZooError(f"LoRA rank must be a positive integer, got {self.rank!r}")
+    if not self.alpha > 0:
+      raise ZooError(f"LoRA alpha must be positive, got {self.alpha!r}")
+    if not 0 <= self.dropout < 1:
+      raise ZooError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+    targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+    if not targets:
+      raise ZooError("LoRA targets are empty")
+    for t in targets:
+      if t.startswith("re:"):
+        try:
+          re.compile(t[3:])
+        except re.error as e:
+          raise ZooError(f"bad LoRA target regex {t[3:]!r}: {e}") from None
+      elif t not in LINEAR_TARGETS + OTHER_TARGETS + ("all-linear",):
+        raise ZooError(f"unknown LoRA target {t!r}; use module names "
+                       f"({', '.join(LINEAR_TARGETS + OTHER_TARGETS)}), 'all-linear' or "
+                       "'re:REGEX'")
+    object.__setattr__(self, "targets", targets)
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+  def matches(self, path: str) -> bool:
+    name = path.rsplit(".", 1)[-1]
+    for t in self.targets:
+      if t.startswith("re:"):
+        if re.fullmatch(t[3:], path):
+          return True
+      elif t == name or (t == "all-linear" and name in LINEAR_TARGETS):
+        return True
+    return False
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self) | {"targets": list(self.targets)}
+
+
+def _modules(model) -> list[tuple[str, nnx.Module]]:
+  return [(".".join(map(str, path)), m) for path, m in nnx.iter_modules(model)
+          if isinstance(m, Linear | Embed) and path]
+
+
+def add_lora(model, spec: LoraSpec, *, seed: int = 0) -> list[str]:
+  """Gives every targeted layer of `model` a fresh adapter (in place); returns their paths.
+
+  A is drawn like peft's default (uniform in +-1/sqrt(in), Kaiming's bound with a = sqrt(5)),
+  B is zero; for the embedding A is zero and B normal. Experts (Mixtral) cannot be targets.
+  """
+  key = jax.random.key(seed)
+  paths = []
+  for path, module in _modules(model):
+    if not spec.matches(path):
+      continue
+    key, sub = jax.random.split(key)
+    dtype = jnp.float32
+    if isinstance(module, Linear):
+      din, dout = module.kernel.shape
+      names_in, names_out = module.names
+      bound = 1.0 / math.sqrt(din)
+      a = jax.random.uniform(sub, (din, spec.rank), dtype, -bound, bound)
+      b = jnp.zeros((spec.rank, dout), dtype)
+    else:
+      din, dout = module.embedding.shape
+      names_in, names_out = "vocab", "embed"
+      a = jnp.zeros((din, spec.rank), dtype)
+      b = jax.random.normal(sub, (spec.rank, dout), dtype)
+    module.lora_a = nnx.data(nnx.LoRAParam(a, out_sharding=(names_in, None),
+                                           eager_sharding=False))
+    module.lora_b = nnx.data(nnx.LoRAParam(b, out_sharding=(None, names_out),
+                                           eager_sharding=False))
+    module.lora_scale = float(spec.scale)
+    paths.append(path)
+  if not paths:
+    raise ZooError(f"no layer matches the LoRA targets {list(spec.targets)}")
+  return paths
+
+
+def adapted_paths(model) -> list[str]:
+  return [path for path, m in _modules(model) if m.lora_a is not None]
+
+
+def lora_state(model) -> dict[str, np.ndarray]:
+  """The adapters as {dotted path: array} (`layers.0.self_attn.q_proj.lora_a`, ...)."""
+  return {".".join(map(str, p)): np.asarray(v.get_value())
+          for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+
+
+def _delta(module) -> jax.Array:
+  return (module.lora_a[...].astype(jnp.float32) @ module.lora_b[...].astype(jnp.float32)
+          ) * module.lora_scale
+
+
+def merge(model):
+  """Folds every adapter into its base weight, in place (W += A @ B * scale), and sets its
+  scale to 0 so the adapter stops adding; `unmerge` undoes it."""
+  for _, m in _modules(model):
+    if m.lora_a is None or m.lora_scale == 0:
+      continue
+    var = m.kernel if isinstance(m, Linear) else m.embedding
+    var.set_value((var[...].astype(jnp.float32) + _delta(m)).astype(var.get_value().dtype))
+    m.merged_scale, m.lora_scale = m.lora_scale, 0.0
+  return model
+
+
+def unmerge(model):
+  """Takes merged adapters back out of the base weights (up to float rounding), in place."""
+  for _, m in _modules(model):
+    scale = getattr(m, "merged_scale", None)
+    if m.lora_a is None or not scale:
+      continue
+    m.lora_scale, m.merged_scale = scale, None
+    var = m.kernel if isinstance(m, Linear) else m.embedding
+    var.set_value((var[...].astype(jnp.float32) - _delta(m)).astype(var.get_value().dtype))
+  return model
+
+
+def merged_params(model) -> dict[str, np.ndarray]:
+  """The base parameters with every adapter folded in ({dotted path: array}, adapters
+  dropped): a plain model for `zoo.save`, `zoo convert --to hf` or any runtime."""
+  deltas = {}
+  for path, m in _modules(model):
+    if m.lora_a is not None and m.lora_scale:
+      deltas[path + (".kernel" if isinstance(m, Linear) else ".embedding")] = np.asarray(
+          _delta(m))
+  out = {}
+  for p, v in nnx.to_flat_state(nnx.state(model, nnx.Not(nnx.LoRAParam))):
+    name = ".".join(map(str, p))
+    value = np.asarray(v.get_value())
+    if name in deltas:
+      value = (value.astype(np.float32) + deltas[name]).astype(value.dtype)
+    out[name] = value
+  return out
+
+
+def merged_model(model):
+  """A new plain model (no adapters) whose weights have the adapters folded in."""
+  from zoo.models.llama import from_params
+  return from_params(model.config, merged_params(model), dtype=model.dtype)
+
+
+# --- files ----------------------------------------------------------------------------------
+
+def _write_dir(directory: str, files: dict[str, bytes | dict], force: bool):
+  """Writes `files` into `directory` through a temporary directory renamed into place."""
+  from zoo.convert.checkpoint import staged_output
+  with staged_output(directory, force) as tmp:
+    for name, content in files.items():
+      with open(os.path.join(tmp, name), "wb") as f:
+        f.write(content if isinstance(content, bytes) else
+                (json.dumps(content, indent=2) + "\n").encode())
+
+
+def save_adapter(model, directory: str, spec: LoraSpec, *, force: bool = False):
+  """A zoo adapter directory: the spec and the adapter tree (megabytes, not the base)."""
+  from safetensors.numpy import save
+  weights = lora_state(model)
+  if not weights:
+    raise ZooError("the model has no LoRA adapters to save")
+  meta = {"format": "zoo-lora", "version": ADAPTER_FORMAT_VERSION, "spec": spec.to_dict(),
+          "modules": adapted_paths(model)}
+  _write_dir(directory, {ADAPTER_META: meta, ADAPTER_WEIGHTS: save(weights)}, force)
+
+
+def _read_json(path: str) -> dict:
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ZooError(f"cannot read {path}: {e}") from None
+  if not isinstance(data, dict):
+    raise ZooError(f"{path} is not a JSON object")
+  return data
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  if not os.path.isfile(path):
+    raise ZooError(f"adapter weights not found: {path}")
+  try:
+    return load_file(path)
+  except (SafetensorError, OSError, ValueError) as e:
+    raise ZooError(f"bad adapter weights {path}: {str(e).splitlines()[0]}") from None
+
+
+def is_adapter(directory: str) -> bool:
+  return any(os.path.isfile(os.path.join(directory, n)) for n in (ADAPTER_META, PEFT_CONFIG))
+
+
+def _spec_from(data: dict, where: str, keys: dict) -> LoraSpec:
+  try:
+    return LoraSpec(**{ours: data[theirs] for ours, theirs in keys.items() if theirs in data})
+  except TypeError as e:
+    raise ZooError(f"bad adapter config {where}: {e}") from None
+
+
+def read_adapter(directory: str, model) -> tuple[LoraSpec, dict[str, np.ndarray]]:
+  """The spec and the adapter arrays ({zoo dotted path: array [in, r] / [r, out]}) of a zoo or
+  peft adapter directory, checked against `model` (a base model without adapters)."""
+  directory = os.path.expanduser(directory)
+  if not os.path.isdir(directory):
+    raise ZooError(f"adapter directory not found: {directory}")
+  zoo_meta = os.path.join(directory, ADAPTER_META)
+  if os.path.isfile(zoo_meta):
+    meta = _read_json(zoo_meta)
+    if meta.get("format") != "zoo-lora":
+      raise ZooError(f"{zoo_meta} is not a zoo LoRA adapter")
+    spec = _spec_from(meta.get("spec") or {}, zoo_meta, {f.name: f.name for f in
+                                                         dataclasses.fields(LoraSpec)})
+    weights = _read_safetensors(os.path.join(directory, ADAPTER_WEIGHTS))
+  elif os.path.isfile(os.path.join(directory, PEFT_CONFIG)):
+    spec, weights = _read_peft(directory, model)
+  else:
+    raise ZooError(f"{directory} has neither {ADAPTER_META} nor {PEFT_CONFIG}")
+  _check_adapter(weights, spec, model, directory)
+  return spec, weights
+
+
+def _check_adapter(weights, spec: LoraSpec, model, where: str):
+  modules = dict(_modules(model))
+  for name, value in weights.items():
+    path, _, leaf = name.rpartition(".")
+    if leaf in ("kernel", "embedding") and path in modules:
+      want = tuple(getattr(modules[path], leaf).shape)
+      if tuple(value.shape) != want:
+        raise ZooError(f"adapter {where}: {name} has shape {tuple(value.shape)}, expected {want}")
+      continue
+    if leaf not in ("lora_a", "lora_b") or path not in modules:
+      raise ZooError(f"adapter {where} has a weight for {name}, which the model does not have")
+    m = modules[path]
+    din, dout = (m.kernel.shape if isinstance(m, Linear) else m.embedding.shape)
+    want = (din, spec.rank) if leaf == "lora_a" else (spec.rank, dout)
+    if tuple(value.shape) != want:
+      raise ZooError(f"adapter {where}: {name} has shape {tuple(value.shape)}, expected {want} "
+                     f"(rank {spec.rank})")
+  for name in (n for n in weights if n.endswith((".lora_a", ".lora_b"))):
+    twin = name[:-1] + ("b" if name.endswith("a") else "a")
+    if twin not in weights:
+      raise ZooError(f"adapter {where} has {name} without {twin}")
+
+
+def attach(model, spec: LoraSpec, weights: dict[str, np.ndarray]):
+  """Gives `model` the adapters in `weights` (from `read_adapter`), in place."""
+  modules = dict(_modules(model))
+  for name, value in weights.items():
+    path, _, leaf = name.rpartition(".")
+    if leaf in ("kernel", "embedding"):  # a base weight the adapter replaces
+      var = getattr(modules[path], leaf)
+      var.set_value(jnp.asarray(value, var.get_value().dtype))
+  for path in sorted({n.rpartition(".")[0] for n in weights if n.endswith(".lora_a")}):
+    m = modules[path]
+    names = m.names if isinstance(m, Linear) else ("vocab", "embed")
+    m.lora_a = nnx.data(nnx.LoRAParam(jnp.asarray(weights[path + ".lora_a"], jnp.float32),
+                                      out_sharding=(names[0], None), eager_sharding=False))
+    m.lora_b = nnx.data(nnx.LoRAParam(jnp.asarray(weights[path + ".lora_b"], jnp.float32),
+                                      out_sharding=(None, names[1]), eager_sharding=False))
+    m.lora_scale = float(spec.scale)
+  return model
+
+
+def load_adapter(model, directory: str):
+  """Reads a zoo or peft adapter directory into `model` (in place); returns its spec."""
+  spec, weights = read_adapter(directory, model)
+  attach(model, spec, weights)
+  return spec
+
+
+# --- HF peft --------------------------------------------------------------------------------
+
+def _hf_module(path: str) -> str:
+  """zoo module path -> the module's name inside transformers' LlamaForCausalLM."""
+  return path if path == "lm_head" else "model." + path
+
+
+def save_peft(model, directory: str, spec: LoraSpec, *, base_model: str | None = None,
+              force: bool = False):
+  """The model's adapters in HF peft's format, for `peft.PeftModel.from_pretrained` on the HF
+  export of the base model (and vLLM, which reads the same files)."""
+  scale = {m.lora_scale for _, m in _modules(model) if m.lora_a is not None}
+  if scale and scale != {spec.scale}:
+    raise ZooError("the model's adapters are merged or do not follow the spec; unmerge first")
+  write_peft(lora_state(model), directory, spec, base_model=base_model, force=force)
+
+
+def write_peft(weights: dict[str, np.ndarray], directory: str, spec: LoraSpec, *,
+               base_model: str | None = None, force: bool = False):
+  """Adapter arrays ({zoo path.lora_a: [in, r], path.lora_b: [r, out]}) as a peft directory:
+  `adapter_config.json` and `adapter_model.safetensors` under transformers' module names."""
+  from safetensors.numpy import save
+  if not weights:
+    raise ZooError("no LoRA adapters to export")
+  tensors, names = {}, set()
+  for name, value in sorted(weights.items()):
+    path, _, leaf = name.rpartition(".")
+    prefix = "base_model.model." + _hf_module(path)
+    embedding = path.rsplit(".", 1)[-1] == "embed_tokens"
+    kind = {("lora_a", False): ".lora_A.weight", ("lora_b", False): ".lora_B.weight",
+            ("lora_a", True): ".lora_embedding_A", ("lora_b", True): ".lora_embedding_B"}
+    # peft stores A [r, in] and B [out, r] (the embedding's A [r, vocab], B [dim, r]).
+    tensors[prefix + kind[leaf, embedding]] = np.ascontiguousarray(
+        np.asarray(value, np.float32).T)
+    names.add(path.rsplit(".", 1)[-1])
+  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank,
+            "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "use_rslora": spec.rslora,
+            "target_modules": sorted(names), "bias": "none", "fan_in_fan_out": False,
+            "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+            "base_model_name_or_path": base_model}
+  _write_dir(directory, {PEFT_CONFIG: config, PEFT_WEIGHTS: save(tensors)}, force)
+
+
+def adapter_to_peft(src: str, dst: str, *, force: bool = False):
+  """`zoo convert ADAPTER DST --to peft`: a zoo adapter directory in peft's format."""
+  meta_path = os.path.join(os.path.expanduser(src), ADAPTER_META)
+  if not os.path.isfile(meta_path):
+    raise ZooError(f"{src} is not a zoo LoRA adapter (no {ADAPTER_META})")
+  meta = _read_json(meta_path)
+  spec = _spec_from(meta.get("spec") or {}, meta_path,
+                    {f.name: f.name for f in dataclasses.fields(LoraSpec)})
+  weights = _read_safetensors(os.path.join(os.path.expanduser(src), ADAPTER_WEIGHTS))
+  for name, value in weights.items():
+    leaf = name.rpartition(".")[2]
+    if leaf not in ("lora_a", "lora_b") or value.ndim != 2 or \
+        value.shape[1 if leaf == "lora_a" else 0] != spec.rank:
+      raise ZooError(f"adapter {src}: bad weight {name} {tuple(value.shape)} for rank "
+                     f"{spec.rank}")
+  write_peft(weights, dst, spec, base_model=meta.get("base_model"), force=force)
+  return spec, weights
+
+
+_PEFT_NAME = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A\.weight|"
+                        r"lora_B\.weight|lora_embedding_A|lora_embedding_B)")
+
+
+_PEFT_BASE = re.compile(r"base_model\.model\.(?P<module>.+)\.base_layer\.weight")
+
+
+def _read_peft(directory: str, model) -> tuple[LoraSpec, dict[str, np.ndarray]]:
+  path = os.path.join(directory, PEFT_CONFIG)
+  config = _read_json(path)
+  if config.get("peft_type", "LORA") != "LORA":
+    raise ZooError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
+  for key, ok in (("fan_in_fan_out", False), ("bias", "none"), ("use_dora", False)):
+    if config.get(key, ok) not in (ok, None):
+      raise ZooError(f"{path}: {key}={config[key]!r} is not supported")
+  if config.get("rank_pattern") or config.get("alpha_pattern"):
+    raise ZooError(f"{path}: per-module rank_pattern/alpha_pattern is not supported")
+  targets = config.get("target_modules") or ()
+  if isinstance(targets, str):
+    targets = ("re:" + targets,)
+  spec = _spec_from(dict(config, target_modules=tuple(targets)), path, {
+      "rank": "r", "alpha": "lora_alpha", "targets": "target_modules",
+      "dropout": "lora_dropout", "rslora": "use_rslora"})
+  weights_path = os.path.join(directory, PEFT_WEIGHTS)
+  if not os.path.isfile(weights_path) and os.path.isfile(
+      os.path.join(directory, "adapter_model.bin")):
+    raise ZooError(f"{directory} holds adapter_model.bin; save the adapter as safetensors")
+  out = {}
+  for name, value in _read_safetensors(weights_path).items():
+    full = _PEFT_BASE.fullmatch(name)
+    if full:  # peft saves a targeted embedding or head whole too (save_embedding_layers)
+      module = full["module"]
+      module = module[len("model."):] if module.startswith("model.") else module
+      leaf = "embedding" if module.endswith("embed_tokens") else "kernel"
+      value = np.asarray(value, np.float32)
+      out[f"{module}.{leaf}"] = np.ascontiguousarray(value if leaf == "embedding" else value.T)
+      continue
+    m = _PEFT_NAME.fullmatch(name)
+    if not m:
+      raise ZooError(f"{weights_path}: unexpected tensor {name}")
+    module = m["module"]
+    module = module[len("model."):] if module.startswith("model.") else module
+    module = re.sub(r"\.default$", "", module)
+    leaf = "lora_a" if m["kind"] in ("lora_A.weight", "lora_embedding_A") else "lora_b"
+    out[f"{module}.{leaf}"] = np.ascontiguousarray(np.asarray(value, np.float32).T)
+  return spec, out
+
+
+__all__ = ["LoraSpec", "add_lora", "adapted_paths", "lora_state", "merge", "unmerge",
+           "merged_params", "merged_model", "save_adapter", "read_adapter", "load_adapter", "attach",
+           "save_peft", "write_peft", "adapter_to_peft", "is_adapter"]
