@@ -3,6 +3,7 @@
     python tools/bench.py convert [--size-mb 1000] [--shards 4] [--workdir DIR] [--keep]
     python tools/bench.py train [--steps 5] [--rounds 7] [--vocab 2000,32000] [--devices 1]
     python tools/bench.py decode [--batches 1,8] [--new-tokens 64] [--rounds 5]
+    python tools/bench.py lora [--steps 3] [--rank 16]
 
 `train` times zoo's jitted train step (AdamW, float32) on a tiny LLaMA against transformers'
 LlamaForCausalLM in torch eager with torch.optim.AdamW, each in its own process, alternating,
@@ -12,6 +13,11 @@ and reports tokens/s, the ratio and MFU against the machine's measured matmul pe
 transformers' generate on the same 58M-parameter float32 LLaMA, and the bound a step's weight
 reads set: the bytes of every weight but the input embedding table over the machine's read
 bandwidth (the best of numpy's and torch's sum over 1 GiB).
+
+`lora` runs a LoRA step (all-linear adapters, frozen f32 base), a QLoRA step (NF4 base) and a
+full fine-tuning step (AdamW on every weight) of the same 91M-parameter float32 LLaMA, each in
+its own process, and reports each one's peak RSS and tokens/s, and the NF4 base's bytes against
+bf16.
 
 Human-readable lines first; the last line of a successful run is one JSON object with the
 results, so that scripts can read it with `tail -n 1`. MB means MiB (2**20 bytes) throughout.
@@ -819,6 +825,94 @@ def bench_decode(args, workdir: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# lora
+
+_LORA_WORKER = r"""
+import json, sys, time
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from zoo import lora
+from zoo.layers.quant import bf16_bytes, is_quantized, nbytes, quantize_tree
+from zoo.models.llama import Llama
+from zoo.models.presets import get_preset
+from zoo.train.optim import make_optimizer
+from zoo.train.step import make_train_step
+kind, spec = sys.argv[1], json.loads(sys.argv[2])
+config = get_preset("tiny_llama", **spec["model"])
+model = Llama(config, rngs=nnx.Rngs(0))
+tx, schedule = make_optimizer(dict(name="adamw", lr=1e-4, schedule="constant", warmup_steps=0),
+                              100)
+ratio = None
+if kind == "full":
+  graphdef, params = nnx.split(model, nnx.Param)
+  params, base = nnx.to_pure_dict(params), None
+else:
+  lora.add_lora(model, lora.LoraSpec(rank=spec["rank"], alpha=2 * spec["rank"],
+                                     targets=("all-linear",)))
+  graphdef, params, base = nnx.split(model, nnx.LoRAParam, nnx.Param)
+  params, base = nnx.to_pure_dict(params), nnx.to_pure_dict(base)
+  if kind == "qlora":
+    base = quantize_tree(base, "nf4")
+    q = [x for x in jax.tree.leaves(base, is_leaf=is_quantized) if is_quantized(x)]
+    ratio = sum(map(nbytes, q)) / sum(map(bf16_bytes, q))
+del model
+state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+         "rng": jnp.zeros(2, jnp.uint32)}
+b, t = spec["batch"], spec["seq_len"]
+x = np.random.default_rng(0).integers(0, config.vocab_size, (b, t + 1)).astype(np.int32)
+batch = {"tokens": x[:, :-1], "targets": x[:, 1:],
+         "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+         "segment_ids": np.ones((b, t), np.int32), "weights": np.ones((b, t), np.float32)}
+step = jax.jit(make_train_step(graphdef, tx, schedule, frozen=base is not None),
+               donate_argnums=0)
+args = () if base is None else (base,)
+state, m = step(state, batch, *args)
+jax.block_until_ready(m)
+start = time.perf_counter()
+for _ in range(spec["steps"]):
+  state, m = step(state, batch, *args)
+jax.block_until_ready(m)
+seconds = time.perf_counter() - start
+print(json.dumps({"tokens_per_sec": spec["steps"] * b * t / seconds, "loss": float(m["loss"]),
+                  "base_bytes_ratio": ratio}))
+"""
+
+
+def add_lora_args(p: argparse.ArgumentParser):
+  p.add_argument("--steps", type=int, default=3, help="timed steps after the compile")
+  p.add_argument("--rank", type=int, default=16)
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--seq-len", type=int, default=128)
+
+
+def bench_lora(args, workdir: str) -> dict:
+  del workdir
+  spec = {"model": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
+                        num_layers=6, num_heads=12, num_kv_heads=12, head_dim=64,
+                        max_position_embeddings=2048),
+          "rank": args.rank, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps}
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  runs = {}
+  for kind in ("lora", "qlora", "full"):
+    run = measure(python_cmd(_LORA_WORKER, kind, json.dumps(spec)), kind, env=env)
+    lines = [line for line in run.output.splitlines() if line.startswith("{")]
+    if not lines:
+      raise SystemExit(f"bench lora: the {kind} worker failed:\n{run.output[-2000:]}")
+    runs[kind] = dict(json.loads(lines[-1]), peak_mb=run.peak_rss_mb)
+    print(f"{kind:6s} peak RSS {run.peak_rss_mb:7.0f} MB  {runs[kind]['tokens_per_sec']:8.1f} "
+          f"tokens/s  loss {runs[kind]['loss']:.4f}")
+  ratio = runs["lora"]["peak_mb"] / runs["full"]["peak_mb"]
+  print(f"LoRA peak / full peak = {ratio:.2f} (target <= 0.40); QLoRA NF4 base / bf16 = "
+        f"{runs['qlora']['base_bytes_ratio']:.3f} (target <= 0.30)")
+  return {"lora_peak_mb": runs["lora"]["peak_mb"], "qlora_peak_mb": runs["qlora"]["peak_mb"],
+          "full_peak_mb": runs["full"]["peak_mb"], "lora_full_peak_ratio": ratio,
+          "lora_tokens_per_sec": runs["lora"]["tokens_per_sec"],
+          "qlora_tokens_per_sec": runs["qlora"]["tokens_per_sec"],
+          "full_tokens_per_sec": runs["full"]["tokens_per_sec"],
+          "qlora_base_bytes_ratio": runs["qlora"]["base_bytes_ratio"]}
+
+
+# ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Mode:
@@ -834,6 +928,8 @@ MODES: dict[str, Mode] = {
                 add_train_args, bench_train),
   "decode": Mode("greedy generation tokens/s vs transformers generate and the bandwidth bound",
                  add_decode_args, bench_decode),
+  "lora": Mode("LoRA / QLoRA step vs full fine-tuning: peak RSS and tokens/s", add_lora_args,
+               bench_lora),
 }
 
 

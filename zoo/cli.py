@@ -317,9 +317,10 @@ def train_main(argv: list[str]) -> int:
           f"{summary['eval_loss']:.3f} (last)")
   if "sample" in summary:
     print(f"sample: {summary['sample']!r}")
-  for key in ("checkpoints", "model", "tensorboard", "plot", "metrics"):
+  for key in ("checkpoints", "model", "adapter", "peft_adapter", "tensorboard", "plot",
+              "metrics"):
     if key in summary:
-      print(f"{key:12s}{summary[key]}")
+      print(f"{key:13s}{summary[key]}")
   return 0
 
 

@@ -206,14 +206,15 @@ def _write_dir(directory: str, files: dict[str, bytes | dict], force: bool):
                 (json.dumps(content, indent=2) + "\n").encode())
 
 
-def save_adapter(model, directory: str, spec: LoraSpec, *, force: bool = False):
+def save_adapter(model, directory: str, spec: LoraSpec, *, base_model: str | None = None,
+                 force: bool = False):
   """A zoo adapter directory: the spec and the adapter tree (megabytes, not the base)."""
   from safetensors.numpy import save
   weights = lora_state(model)
   if not weights:
     raise ZooError("the model has no LoRA adapters to save")
   meta = {"format": "zoo-lora", "version": ADAPTER_FORMAT_VERSION, "spec": spec.to_dict(),
-          "modules": adapted_paths(model)}
+          "modules": adapted_paths(model), "base_model": base_model}
   _write_dir(directory, {ADAPTER_META: meta, ADAPTER_WEIGHTS: save(weights)}, force)
 
 

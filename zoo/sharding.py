@@ -108,7 +108,11 @@ def logical_axes(model: nnx.Module) -> dict[str, tuple[str | None, ...]]:
 
 def param_shardings(abstract_model: nnx.Module, mesh: Mesh, rules: Rules) -> dict:
   """NamedShardings for the model's parameters, as a pure dict shaped like its state."""
-  _, state = nnx.split(abstract_model, nnx.Param)
+  return variable_shardings(nnx.split(abstract_model, nnx.Param)[1], mesh, rules)
+
+
+def variable_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> dict:
+  """NamedShardings for an nnx.State of variables (by their logical names), as a pure dict."""
 
   def one(var):
     spec = logical_to_spec(var.get_metadata()["out_sharding"], rules, mesh, var.shape)

@@ -183,7 +183,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(corpus, tmp_path):
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_runs_a_step_shrunk(config, corpus, tmp_path):
   args = "shrink"
-  if config == "finetune.py":
+  if config in ("finetune.py", "lora.py"):
     # fine-tuning needs a checkpoint with a tokenizer: make one from a tiny trained run
     base = tmp_path / "base"
     assert main(["train", "--config", "configs/default.py", "--workdir", str(base),

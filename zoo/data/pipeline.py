@@ -33,13 +33,18 @@ TOKENIZER_SAMPLE_CHARS = 4_000_000
 
 
 class _Tokenize(grain.transforms.Map):
-  """record -> int32 [n] = [bos] + encode(text) + [eos]."""
+  """record -> {"ids": int32 [n] = [bos] + encode(text) + [eos], "mask": float32 [n]}; the
+  mask (1: trained on) comes from `formatter` for instruction data, else it is all ones."""
 
-  def __init__(self, tokenizer: Tokenizer, bos: int | None, eos: int | None):
+  def __init__(self, tokenizer: Tokenizer, bos: int | None, eos: int | None, formatter=None):
     self._tokenizer, self._bos, self._eos = tokenizer, bos, eos
+    self._formatter = formatter
 
   def map(self, record):
     text = record["text"]
+    if self._formatter is not None:
+      ids, mask = self._formatter(text)
+      return {"ids": ids, "mask": mask}
     if isinstance(text, bytes):
       text = text.decode("utf-8")
     ids = self._tokenizer.encode(text)
@@ -47,7 +52,7 @@ class _Tokenize(grain.transforms.Map):
       ids = [self._bos, *ids]
     if self._eos is not None:
       ids = [*ids, self._eos]
-    return np.asarray(ids, dtype=np.int32)
+    return {"ids": np.asarray(ids, dtype=np.int32), "mask": np.ones(len(ids), np.float32)}
 
 
 class _Pieces(grain.experimental.FlatMapTransform):
@@ -58,12 +63,15 @@ class _Pieces(grain.experimental.FlatMapTransform):
   def __init__(self, seq_len: int):
     self._seq_len = seq_len
 
-  def flat_map(self, ids):
-    inputs, targets = ids[:-1], ids[1:]  # a 1-token document has no target and no piece
+  def flat_map(self, doc):
+    ids = doc["ids"]
+    # a 1-token document has no target and no piece; a target's weight is its token's mask
+    inputs, targets, weights = ids[:-1], ids[1:], doc["mask"][1:]
     pieces = []
     for start in range(0, len(inputs), self._seq_len):
-      x, y = inputs[start:start + self._seq_len], targets[start:start + self._seq_len]
-      pieces.append({"tokens": x, "targets": y, "weights": np.ones(len(x), np.float32)})
+      end = start + self._seq_len
+      pieces.append({"tokens": inputs[start:end], "targets": targets[start:end],
+                     "weights": weights[start:end]})
     return pieces
 
 
@@ -77,13 +85,15 @@ def _row(packed):
 def make_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
                  shuffle: bool = True, repeat: bool = True, process_index: int = 0,
                  process_count: int = 1, add_bos: bool = True, add_eos: bool = True,
-                 pack: bool = True, num_workers: int = 0) -> grain.DatasetIterator:
+                 pack: bool = True, num_workers: int = 0, formatter=None
+                 ) -> grain.DatasetIterator:
   """An iterator of batches (see `zoo.data`) of `batch_size` rows for this process.
 
   Process i reads documents i, i + process_count, ... of `source` (records with a "text"
   field); each epoch visits them in a new order drawn from `seed`. `pack=False` puts one
   document piece per row. `repeat=False` ends after one pass, its last batch padded with empty
-  rows (weights 0). `num_workers > 0` runs the pipeline in that many worker processes, which
+  rows (weights 0). `formatter` (instruction data: `zoo.data.instruct.InstructFormatter`) turns a
+  record's text into ids and a loss mask, and adds BOS/EOS itself. `num_workers > 0` runs the pipeline in that many worker processes, which
   changes the order of batches and the shape of the state: resume with the same num_workers.
   """
   for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
@@ -110,7 +120,7 @@ def make_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
     ds = ds.shuffle(seed=int(seed))  # reseeded for every epoch by the repeat below
   if repeat:
     ds = ds.repeat()
-  ds = ds.map(_Tokenize(tokenizer, bos, eos))
+  ds = ds.map(_Tokenize(tokenizer, bos, eos, formatter))
   it = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(), _Pieces(int(seq_len)))
   lengths = {"tokens": int(seq_len), "targets": int(seq_len), "weights": int(seq_len)}
   it = grain.experimental.FirstFitPackIterDataset(
@@ -143,9 +153,11 @@ def _special(tokenizer: Tokenizer, attr: str, flag: str) -> int:
 
 
 def data_pipeline(data_cfg: Any, tokenizer: Tokenizer, split: str, *, data_dir: str,
-                  process_index: int = 0, process_count: int = 1,
-                  repeat: bool = True) -> grain.DatasetIterator:
-  """Batches of `split` for this process; `data_cfg.batch_size` is the global batch size."""
+                  process_index: int = 0, process_count: int = 1, repeat: bool = True,
+                  template_dir: str | None = None) -> grain.DatasetIterator:
+  """Batches of `split` for this process; `data_cfg.batch_size` is the global batch size.
+  With `data_cfg.format` "instruct", examples are formatted with the chat template found in
+  `template_dir` (if it has one) and only the responses are trained on."""
   batch_size = field(data_cfg, "batch_size")
   seq_len = field(data_cfg, "seq_len")
   if not isinstance(batch_size, int) or batch_size < 1:
@@ -154,12 +166,19 @@ def data_pipeline(data_cfg: Any, tokenizer: Tokenizer, split: str, *, data_dir: 
     raise ZooError(f"data.batch_size {batch_size} is not divisible by the "
                    f"{process_count} processes")
   source = text_source(data_cfg, split, data_dir)
+  formatter = None
+  if field(data_cfg, "format", "text") == "instruct":
+    from zoo.data.instruct import InstructFormatter
+    formatter = InstructFormatter(tokenizer, template_dir,
+                                  add_bos=field(data_cfg, "add_bos", True),
+                                  add_eos=field(data_cfg, "add_eos", True))
   return make_batches(
     source, tokenizer, seq_len=seq_len, batch_size=batch_size // process_count,
     seed=field(data_cfg, "seed", 0), shuffle=field(data_cfg, "shuffle", True), repeat=repeat,
     process_index=process_index, process_count=process_count,
     add_bos=field(data_cfg, "add_bos", True), add_eos=field(data_cfg, "add_eos", True),
-    pack=field(data_cfg, "pack", True), num_workers=field(data_cfg, "num_workers", 0))
+    pack=field(data_cfg, "pack", True), num_workers=field(data_cfg, "num_workers", 0),
+    formatter=formatter)
 
 
 def tokenizer_for(data_cfg: Any, data_dir: str) -> Tokenizer:

@@ -40,11 +40,29 @@ def split_of(doc_id: str, eval_fraction: float) -> str:
   return "validation" if _unit_hash(doc_id) < eval_fraction else "train"
 
 
-def read_documents(path: str, doc_id: str, text_key: str = "text") -> Iterator[tuple[str, str]]:
+def read_documents(path: str, doc_id: str, text_key: str = "text", fmt: str = "text"
+                   ) -> Iterator[tuple[str, str]]:
   """(id, text) of each document in one file: a whole file, or one JSONL line (id `file:line`).
 
-  Documents that are empty or only whitespace are skipped.
+  Documents that are empty or only whitespace are skipped. fmt "instruct": each JSONL line is
+  an instruction or chat record (`zoo.data.instruct`), kept as its JSON text.
   """
+  if fmt == "instruct":
+    from zoo.data.instruct import check_record
+    if not path.endswith(".jsonl"):
+      raise ZooError(f"data.format 'instruct' reads JSONL files, not {path}")
+    with open(path, "rb") as f:
+      for lineno, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except ValueError:
+          raise ZooError(f"{path}:{lineno}: not a JSON line") from None
+        yield f"{doc_id}:{lineno}", json.dumps(check_record(record, f"{path}:{lineno}"))
+    return
+  if fmt != "text":
+    raise ZooError(f"unknown data.format {fmt!r}: expected text or instruct")
   if path.endswith(".jsonl"):
     with open(path, "rb") as f:
       for lineno, line in enumerate(f, 1):
@@ -78,6 +96,7 @@ class TextFilesConfig(tfds.core.BuilderConfig):
   files: tuple[str, ...] = ()
   text_key: str = "text"
   eval_fraction: float = 0.05
+  format: str = "text"
 
   def __repr__(self):  # TFDS logs the config; the file list can be thousands of paths long
     return f"TextFilesConfig({self.name!r}, {len(self.files)} files)"
@@ -109,7 +128,7 @@ class ZooText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     cfg = self.builder_config
     base = os.path.commonpath([os.path.dirname(f) for f in cfg.files])
     for path in cfg.files:
-      yield from read_documents(path, os.path.relpath(path, base), cfg.text_key)
+      yield from read_documents(path, os.path.relpath(path, base), cfg.text_key, cfg.format)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # everything is local
@@ -139,7 +158,7 @@ class ZooText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def text_files(files: Sequence[str], data_dir: str, *, text_key: str = "text",
-               eval_fraction: float = 0.05, label: str = "files") -> ZooText:
+               eval_fraction: float = 0.05, label: str = "files", fmt: str = "text") -> ZooText:
   """The (maybe not yet prepared) builder for `files`, named by a hash of what it reads.
 
   The hash covers each file's path, size and modification time, the text key and the fraction,
@@ -151,10 +170,11 @@ def text_files(files: Sequence[str], data_dir: str, *, text_key: str = "text",
   if not files:
     raise ZooError("no input files")
   stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-  key = json.dumps([str(ZooText.VERSION), text_key, float(eval_fraction), stats])
+  key = json.dumps([str(ZooText.VERSION), text_key, float(eval_fraction), stats]
+                   + ([fmt] if fmt != "text" else []))
   digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
   config = TextFilesConfig(
-    name=f"{label}_{digest}", files=tuple(files), text_key=text_key,
+    name=f"{label}_{digest}", files=tuple(files), text_key=text_key, format=fmt,
     eval_fraction=float(eval_fraction),
     description=f"{len(files)} files under {os.path.commonpath(files)}")
   return ZooText(config=config, data_dir=data_dir, file_format=tfds.core.FileFormat.ARRAY_RECORD)
@@ -241,7 +261,8 @@ def _files_builder(data_cfg: Any, data_dir: str) -> ZooText:
   else:
     raise ZooError(f"unknown data source {source!r}: expected one of {', '.join(SOURCES)}")
   return text_files(files, data_dir, text_key=field(data_cfg, "text_key", "text") or "text",
-                    eval_fraction=field(data_cfg, "eval_fraction", 0.05), label=source)
+                    eval_fraction=field(data_cfg, "eval_fraction", 0.05), label=source,
+                    fmt=field(data_cfg, "format", "text") or "text")
 
 
 def source_id(data_cfg: Any, data_dir: str) -> str:

@@ -40,8 +40,9 @@ def load_chat_template(directory: str) -> tuple[str, dict]:
   return template, config
 
 
-def render_chat(directory: str, messages: list[dict]) -> str:
-  """The prompt text for `messages` ([{"role", "content"}]) ending with the assistant's turn."""
+def render_chat(directory: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
+  """The text of `messages` ([{"role", "content"}]), by default ending with the header of the
+  assistant's next turn."""
   import jinja2
   from jinja2.sandbox import ImmutableSandboxedEnvironment
   template, config = load_chat_template(directory)
@@ -55,7 +56,7 @@ def render_chat(directory: str, messages: list[dict]) -> str:
   env.globals["raise_exception"] = raise_exception
   try:
     return env.from_string(template).render(
-      messages=messages, add_generation_prompt=True,
+      messages=messages, add_generation_prompt=add_generation_prompt,
       bos_token=_token_text(config.get("bos_token")) or "",
       eos_token=_token_text(config.get("eos_token")) or "")
   except jinja2.TemplateError as e:

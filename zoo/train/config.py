@@ -28,6 +28,8 @@ def base_config() -> ml_collections.ConfigDict:
       files="",  # comma-separated globs of .txt/.jsonl files, for source=files
       tfds_name="",  # a prepared TFDS dataset, for source=tfds
       text_key="text",
+      format="text",  # text | instruct (JSONL prompt/completion or chat messages, see zoo.data.instruct)
+      chat_template="",  # a directory with the chat template; default the tokenizer's / init_from
       eval_fraction=0.02,
       data_dir="",  # where datasets and tokenizers are built; default WORKDIR/data
       tokenizer="",  # a tokenizer file or checkpoint dir; empty: train SentencePiece
@@ -62,6 +64,11 @@ def base_config() -> ml_collections.ConfigDict:
       sample_prompt="def ",
       sample_tokens=48,
   ))
+  # LoRA (rank > 0): train low-rank adapters on the frozen init_from checkpoint; the base may be
+  # held quantized (QLoRA: int8 or nf4, block-wise scales) and is dequantized inside the step.
+  c.lora = ml_collections.ConfigDict(dict(
+      rank=0, alpha=16.0, targets="q_proj,v_proj", rslora=False, quantize="none",
+      block_size=64))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = tuple(DEFAULT_RULES)
   return c

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from zoo import sharding
 from zoo.convert.checkpoint import Checkpoint, save_params
+from zoo.data.instruct import template_dir_for
 from zoo.data.pipeline import data_pipeline
 from zoo.data.tokenizers import load_tokenizer
 from zoo.errors import ZooError
@@ -83,6 +84,7 @@ def prepare(config, workdir: str) -> Run:
   if config.train.schedule_steps < 0:
     raise ZooError("train.schedule_steps must be >= 0")
   make_optimizer(config.optimizer, schedule_steps(config))  # validates the optimizer fields
+  lora_spec(config)  # validates the LoRA fields
   mesh = sharding.make_mesh(config.mesh)
   rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                 for name, axes in config.sharding_rules)
@@ -114,8 +116,60 @@ def prepare(config, workdir: str) -> Run:
     raise ZooError(f"data.seq_len {config.data.seq_len} is longer than the model allows "
                    f"({model_config.max_position_embeddings})")
   for split in ("train", "validation") if config.train.eval_every else ("train",):
-    data_pipeline(config.data, tokenizer, split, data_dir=data_dir)  # raises if it is empty
+    data_pipeline(config.data, tokenizer, split, data_dir=data_dir,  # raises if it is empty
+                  template_dir=template_dir_for(config.data, config.init_from))
   return Run(config, workdir, model_config, tokenizer, mesh, rules, data_dir)
+
+
+def lora_spec(config):
+  """The run's LoraSpec, or None when it trains the whole model (lora.rank 0)."""
+  from zoo.layers.quant import KINDS
+  from zoo.lora import LoraSpec
+  cfg = config.lora
+  if not cfg.rank:
+    return None
+  if not config.init_from:
+    raise ZooError("lora.rank > 0 fine-tunes a checkpoint: set init_from")
+  if cfg.quantize not in ("none", *KINDS):
+    raise ZooError(f"unknown lora.quantize {cfg.quantize!r}; use none, {', '.join(KINDS)}")
+  targets = tuple(t.strip() for t in str(cfg.targets).split(",") if t.strip())
+  return LoraSpec(rank=cfg.rank, alpha=float(cfg.alpha), targets=targets,
+                  rslora=bool(cfg.rslora))
+
+
+@dataclasses.dataclass
+class _Lora:
+  """A LoRA run's frozen side: the base tree (placed on the mesh, maybe quantized), the graph
+  that merges it with the adapters, and the adapters' initial values."""
+  spec: Any
+  graphdef: Any
+  base: Any
+  base_shardings: Any
+  adapters: dict
+  adapter_shardings: dict
+
+
+def _lora_setup(run: Run) -> _Lora:
+  from zoo import lora
+  from zoo.layers.quant import is_quantized, quantize_tree
+  from zoo.models.llama import from_params
+  config = run.config
+  spec = lora_spec(config)
+  model = from_params(run.model_config, Checkpoint(config.init_from).params(),
+                      **_model_kwargs(config))
+  lora.add_lora(model, spec, seed=config.train.seed)
+  graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, nnx.Param)
+  adapter_shardings = sharding.variable_shardings(adapters, run.mesh, run.rules)
+  base_shardings = sharding.variable_shardings(base, run.mesh, run.rules)
+  adapters, base = nnx.to_pure_dict(adapters), nnx.to_pure_dict(base)
+  if config.lora.quantize != "none":
+    base = quantize_tree(base, config.lora.quantize, config.lora.block_size)
+    # A quantized weight's blocks do not follow its logical axes: keep it whole on each device.
+    base_shardings = jax.tree.map(
+        lambda leaf, s: sharding.replicated(run.mesh) if is_quantized(leaf) else s,
+        base, base_shardings, is_leaf=is_quantized)
+  base = jax.device_put(base, base_shardings)
+  return _Lora(spec, graphdef, base, base_shardings, adapters, adapter_shardings)
 
 
 def _model_kwargs(config) -> dict:
@@ -123,9 +177,10 @@ def _model_kwargs(config) -> dict:
               moe_impl=config.moe_impl)
 
 
-def _state_shardings(run: Run, abstract_state) -> dict:
-  params = sharding.param_shardings(
-      abstract_model(run.model_config, **_model_kwargs(run.config)), run.mesh, run.rules)
+def _state_shardings(run: Run, abstract_state, params=None) -> dict:
+  if params is None:
+    params = sharding.param_shardings(
+        abstract_model(run.model_config, **_model_kwargs(run.config)), run.mesh, run.rules)
   rep = sharding.replicated(run.mesh)
   abstract_params = abstract_state["params"]
   tx, _ = make_optimizer(run.config.optimizer, schedule_steps(run.config))
@@ -196,7 +251,7 @@ class _StopFlag:
 
 
 def _greedy_sample(graphdef, params, tokenizer, prompt: str, new_tokens: int,
-                   max_len: int) -> str:
+                   max_len: int, base=None) -> str:
   """Greedy continuation of `prompt`, one fixed-size buffer so it compiles once."""
   ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
   length = min(len(ids) + new_tokens, max_len)
@@ -204,12 +259,12 @@ def _greedy_sample(graphdef, params, tokenizer, prompt: str, new_tokens: int,
   buf[0, :len(ids)] = ids
 
   @jax.jit
-  def next_token(params, buf, pos):
-    logits = nnx.merge(graphdef, params)(buf)
-    return jnp.argmax(logits[0, pos - 1])
+  def next_token(params, buf, pos, base):
+    model = nnx.merge(graphdef, params) if base is None else nnx.merge(graphdef, params, base)
+    return jnp.argmax(model(buf)[0, pos - 1])
 
   for pos in range(len(ids), length):
-    token = int(next_token(params, jnp.asarray(buf), pos))
+    token = int(next_token(params, jnp.asarray(buf), pos, base))
     if token == tokenizer.eos_id:
       break
     buf[0, pos] = token
@@ -238,6 +293,23 @@ def _export_model(run: Run, params, path: str):
       shutil.copy2(extra, os.path.join(path, "tokenizer_config.json"))
 
 
+def _export_adapter(run: Run, frozen: _Lora, adapters, workdir: str) -> dict:
+  """The trained adapters as a zoo adapter directory and as HF peft's files."""
+  from zoo import lora
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    adapters = multihost_utils.process_allgather(adapters)
+  if jax.process_index() != 0:
+    return {}
+  model = nnx.merge(frozen.graphdef, jax.device_get(adapters), jax.device_get(frozen.base))
+  out = {"adapter": os.path.join(workdir, "adapter"),
+         "peft_adapter": os.path.join(workdir, "adapter_peft")}
+  base_model = os.path.abspath(run.config.init_from)
+  lora.save_adapter(model, out["adapter"], frozen.spec, base_model=base_model, force=True)
+  lora.save_peft(model, out["peft_adapter"], frozen.spec, base_model=base_model, force=True)
+  return out
+
+
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary."""
   workdir = os.path.abspath(workdir)  # orbax wants absolute paths
@@ -246,15 +318,27 @@ def train(config, workdir: str) -> dict:
   primary = jax.process_index() == 0
   tcfg = config.train
   tx, schedule = make_optimizer(config.optimizer, schedule_steps(config))
-  graphdef = nnx.split(abstract_model(run.model_config, **_model_kwargs(config)))[0]
-  abstract = jax.eval_shape(_init_fn(run, tx), jax.random.key(0))
-  shardings = _state_shardings(run, abstract)
+  frozen = _lora_setup(run) if config.lora.rank else None
+  if frozen is None:
+    graphdef = nnx.split(abstract_model(run.model_config, **_model_kwargs(config)))[0]
+    abstract = jax.eval_shape(_init_fn(run, tx), jax.random.key(0))
+    shardings = _state_shardings(run, abstract)
+  else:
+    # Only the adapters are trained and checkpointed; the base is an input to every step.
+    graphdef = frozen.graphdef
+    lora_init = lambda: {  # noqa: E731
+        "step": jnp.zeros((), jnp.int32), "params": frozen.adapters,
+        "opt_state": tx.init(frozen.adapters),
+        "rng": jax.random.key_data(jax.random.key(config.train.seed + 1))}
+    abstract = jax.eval_shape(lora_init)
+    shardings = _state_shardings(run, abstract, frozen.adapter_shardings)
   abstract_with_shardings = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   batch_sharding = sharding.batch_sharding(run.mesh, run.rules)
   train_iter = data_pipeline(config.data, run.tokenizer, "train", data_dir=run.data_dir,
                              process_index=jax.process_index(),
-                             process_count=jax.process_count())
+                             process_count=jax.process_count(),
+                             template_dir=template_dir_for(config.data, config.init_from))
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every=tcfg.checkpoint_every,
                               keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoints)
   metrics = MetricsWriter(workdir, enabled=primary)
@@ -263,17 +347,22 @@ def train(config, workdir: str) -> dict:
     start, state, _ = restored
     metrics.truncate_after(start)
     print(f"zoo: resuming from the checkpoint at step {start}")
-  else:
+  elif frozen is None:
     start, state = 0, _initial_state(run, tx, shardings)
+  else:
+    start, state = 0, jax.jit(lora_init, out_shardings=shardings)()
   meta = {"model_config": run.model_config.to_dict(), "zoo_config": config.to_json()}
 
+  base = None if frozen is None else frozen.base
+  extra = () if frozen is None else (frozen.base_shardings,)
   train_step = jax.jit(make_train_step(graphdef, tx, schedule, z_loss=tcfg.z_loss,
-                                       grad_accum=tcfg.grad_accum),
-                       in_shardings=(shardings, batch_sharding),
+                                       grad_accum=tcfg.grad_accum, frozen=frozen is not None),
+                       in_shardings=(shardings, batch_sharding, *extra),
                        out_shardings=(shardings, sharding.replicated(run.mesh)),
                        donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef),
-                      in_shardings=(shardings["params"], batch_sharding))
+                      in_shardings=(shardings["params"], batch_sharding, *extra))
+  frozen_args = () if base is None else (base,)
   peak = tcfg.peak_flops or measure_peak_flops()["peak_flops"] * jax.process_count()
   per_token = flops_per_token(run.model_config, config.data.seq_len)
 
@@ -281,10 +370,11 @@ def train(config, workdir: str) -> dict:
     # A fixed number of batches (the held-out split repeats if it is smaller), so that every
     # process runs the same number of steps.
     it = data_pipeline(config.data, run.tokenizer, "validation", data_dir=run.data_dir,
-                       process_index=jax.process_index(), process_count=jax.process_count())
+                       process_index=jax.process_index(), process_count=jax.process_count(),
+                       template_dir=template_dir_for(config.data, config.init_from))
     nll = weight = 0.0
     for _ in range(tcfg.eval_batches):
-      out = eval_step(params, _to_global(next(it), batch_sharding))
+      out = eval_step(params, _to_global(next(it), batch_sharding), *frozen_args)
       nll, weight = nll + float(out["nll_sum"]), weight + float(out["weight"])
     return nll / max(weight, 1.0)
 
@@ -297,7 +387,7 @@ def train(config, workdir: str) -> dict:
     step, saved = start, True
     while step < tcfg.steps:
       batch = _to_global(next(train_iter), batch_sharding)
-      state, out = train_step(state, batch)
+      state, out = train_step(state, batch, *frozen_args)
       step += 1
       loss = float(out["loss"])
       if not math.isfinite(loss):
@@ -339,8 +429,12 @@ def train(config, workdir: str) -> dict:
       checkpointer.save(step, state, train_iter, meta, force=True)
     checkpointer.close()
     summary["step"] = step
-    model_dir = os.path.join(workdir, "model")
-    _export_model(run, state["params"], model_dir)
+    if frozen is None:
+      model_dir = os.path.join(workdir, "model")
+      _export_model(run, state["params"], model_dir)
+      summary["model"] = model_dir
+    else:
+      summary.update(_export_adapter(run, frozen, state["params"], workdir))
     metrics.close()
     if primary:
       plot = os.path.join(workdir, "loss.png")
@@ -348,8 +442,8 @@ def train(config, workdir: str) -> dict:
       if tcfg.sample_tokens:
         summary["sample"] = _greedy_sample(graphdef, state["params"], run.tokenizer,
                                            tcfg.sample_prompt, tcfg.sample_tokens,
-                                           config.data.seq_len)
-      summary.update(checkpoints=os.path.join(workdir, "checkpoints"), model=model_dir,
+                                           config.data.seq_len, base)
+      summary.update(checkpoints=os.path.join(workdir, "checkpoints"),
                      tensorboard=os.path.join(workdir, "tensorboard"), plot=plot,
                      metrics=os.path.join(workdir, "metrics.jsonl"))
   return summary

@@ -1,0 +1,36 @@
+"""LoRA / QLoRA fine-tuning of a converted checkpoint: only the adapters train and are saved.
+
+    zoo convert path/to/hf-model runs/base --to zoo
+    zoo train --config configs/lora.py:init_from=runs/base,files=data/*.jsonl,rank=16 \
+        --workdir runs/lora
+    zoo train --config configs/lora.py:init_from=runs/base,quantize=nf4 --workdir runs/qlora
+
+Arguments: init_from (the base checkpoint, zoo or HF), files (text or JSONL globs; default the
+standard-library corpus), rank, alpha (default 2 x rank), targets (module names joined by '+',
+e.g. q_proj+k_proj+v_proj+o_proj, or all-linear), quantize (none, int8, nf4), shrink. The run
+ends with the adapter in WORKDIR/adapter (zoo's) and WORKDIR/adapter_peft (HF peft's), for
+`zoo.load(base, adapter=DIR)`, `zoo generate --adapter DIR` and `peft.PeftModel`.
+"""
+
+from zoo.train.config import base_config, check_args, parse_arg, shrink
+
+
+def get_config(arg=None):
+  args = parse_arg(arg)
+  check_args(args, {"init_from", "files", "rank", "alpha", "targets", "quantize", "shrink"},
+             "lora.py")
+  c = base_config()
+  c.init_from = args.get("init_from", "")
+  c.data.update(dict(source="files" if args.get("files") else "python_stdlib",
+                     files=args.get("files", ""), seq_len=512, batch_size=16))
+  rank = int(args.get("rank", 16))
+  c.lora.update(dict(rank=rank, alpha=float(args.get("alpha", 2 * rank)),
+                     targets=args.get("targets", "all-linear").replace("+", ","),
+                     quantize=args.get("quantize", "none")))
+  c.optimizer.update(dict(lr=2e-4, weight_decay=0.0, warmup_steps=50, schedule="cosine"))
+  c.train.update(dict(steps=1000, log_every=10, eval_every=200, checkpoint_every=200))
+  if args.get("shrink"):
+    init_from, model, lora = c.init_from, c.model, c.lora
+    c = shrink(c)
+    c.init_from, c.model, c.lora = init_from, model, lora
+  return c
