@@ -74,7 +74,7 @@ def test_lora_run_saves_only_adapters_and_peft_loads_them(lora_reference, corpus
                             capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
     nll[name] = json.loads(result.stdout.strip().splitlines()[-1])["nll"]
-  assert nll["adapted"] < nll["base"] - 0.05
+  assert nll["adapted"] < nll["base"] - 0.02  # an untrained adapter (B = 0) changes nothing
   # the checkpoints hold the adapters and their optimizer state, never a base weight
   with open(workdir / "checkpoints" / "8" / "state" / "_METADATA") as f:
     keys = list(json.load(f)["tree_metadata"])
