@@ -15,7 +15,7 @@ import transformers
 
 import zoo
 from tests.conftest import hf_logits
-from tests.train.test_train import corpus, flags, losses, wait_for_step  # noqa: F401
+from tests.train.test_train import corpus, flags, losses, wait_for_step, zoo_train  # noqa: F401
 from zoo.cli import REPO_ROOT, main
 from zoo.convert.checkpoint import Checkpoint, convert
 
@@ -40,14 +40,7 @@ def lora_flags(corpus, base, **overrides):  # noqa: F811
 
 
 def run_config(workdir, config, args, wait=True):
-  cmd = [sys.executable, "-m", "zoo.cli", "train", "--config", config, "--workdir",
-         str(workdir), *args]
-  proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-  if wait:
-    out, err = proc.communicate(timeout=600)
-    return proc.returncode, out, err
-  return proc
+  return zoo_train(workdir, *args, wait=wait, config=config)
 
 
 def lora_train(workdir, corpus, base, arg="", wait=True, **overrides):  # noqa: F811

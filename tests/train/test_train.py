@@ -41,8 +41,8 @@ def flags(corpus, **overrides) -> list[str]:
   return [f"--config.{k}={v}" for k, v in values.items()]
 
 
-def zoo_train(workdir, *args, wait=True):
-  cmd = [sys.executable, "-m", "zoo.cli", "train", "--config", "configs/default.py",
+def zoo_train(workdir, *args, wait=True, config="configs/default.py"):
+  cmd = [sys.executable, "-m", "zoo.cli", "train", "--config", config,
          "--workdir", str(workdir), *args]
   proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True)

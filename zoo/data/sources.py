@@ -40,6 +40,18 @@ def split_of(doc_id: str, eval_fraction: float) -> str:
   return "validation" if _unit_hash(doc_id) < eval_fraction else "train"
 
 
+def _json_lines(path: str) -> Iterator[tuple[int, Any]]:
+  """(line number, parsed value) of each non-blank line of a JSONL file."""
+  with open(path, "rb") as f:
+    for lineno, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        yield lineno, json.loads(line)
+      except ValueError:
+        raise ZooError(f"{path}:{lineno}: not a JSON line") from None
+
+
 def read_documents(path: str, doc_id: str, text_key: str = "text", fmt: str = "text"
                    ) -> Iterator[tuple[str, str]]:
   """(id, text) of each document in one file: a whole file, or one JSONL line (id `file:line`).
@@ -51,34 +63,20 @@ def read_documents(path: str, doc_id: str, text_key: str = "text", fmt: str = "t
     from zoo.data.instruct import check_record
     if not path.endswith(".jsonl"):
       raise ZooError(f"data.format 'instruct' reads JSONL files, not {path}")
-    with open(path, "rb") as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except ValueError:
-          raise ZooError(f"{path}:{lineno}: not a JSON line") from None
-        yield f"{doc_id}:{lineno}", json.dumps(check_record(record, f"{path}:{lineno}"))
+    for lineno, record in _json_lines(path):
+      yield f"{doc_id}:{lineno}", json.dumps(check_record(record, f"{path}:{lineno}"))
     return
   if fmt != "text":
     raise ZooError(f"unknown data.format {fmt!r}: expected text or instruct")
   if path.endswith(".jsonl"):
-    with open(path, "rb") as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          record = json.loads(line)
-        except ValueError:
-          raise ZooError(f"{path}:{lineno}: not a JSON line") from None
-        if not isinstance(record, dict) or text_key not in record:
-          raise ZooError(f"{path}:{lineno}: no {text_key!r} field (set the data text_key)")
-        text = record[text_key]
-        if not isinstance(text, str):
-          raise ZooError(f"{path}:{lineno}: field {text_key!r} is not a string")
-        if text.strip():
-          yield f"{doc_id}:{lineno}", text
+    for lineno, record in _json_lines(path):
+      if not isinstance(record, dict) or text_key not in record:
+        raise ZooError(f"{path}:{lineno}: no {text_key!r} field (set the data text_key)")
+      text = record[text_key]
+      if not isinstance(text, str):
+        raise ZooError(f"{path}:{lineno}: field {text_key!r} is not a string")
+      if text.strip():
+        yield f"{doc_id}:{lineno}", text
   else:
     with open(path, "rb") as f:
       data = f.read()
