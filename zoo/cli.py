@@ -1,8 +1,8 @@
 """The `zoo` command line.
 
     zoo train [--config configs/NAME.py[:ARGS]] [--workdir DIR] [--config.FIELD=VALUE ...]
-    zoo convert SRC DST --to {zoo,hf,peft} [--dtype bfloat16] [--verify] [--force]
-    zoo init PRESET DST [--to zoo|hf] [--seed 0]
+    zoo convert SRC DST --to {zoo,hf,meta,peft} [--shards N] [--dtype bfloat16] [--verify]
+    zoo init PRESET DST [--to zoo|hf|meta] [--seed 0]
     zoo generate --checkpoint DIR (--prompt TEXT | --prompt-ids 1,2,3) [--chat] [--json] ...
     zoo eval --checkpoint DIR --data FILES_OR_TFDS_NAME [--seq-len N] [--batch-size N]
     zoo presets
@@ -42,13 +42,18 @@ def cmd_convert(args) -> int:
     spec, weights = adapter_to_peft(args.src, args.dst, force=args.force)
     print(f"wrote peft adapter {args.dst} (rank {spec.rank}, {len(weights) // 2} modules)")
     return 0
+  if args.verify:
+    from zoo.convert.checkpoint import detect_format
+    if "hf" not in (detect_format(args.src), args.to):
+      raise ZooError("--verify compares with transformers, so one side must be an hf "
+                     "checkpoint")
   ckpt = convert(args.src, args.dst, args.to, dtype=args.dtype, force=args.force,
-                 max_shard_bytes=args.max_shard_size)
+                 max_shard_bytes=args.max_shard_size, shards=getattr(args, "shards", None))
   print(f"wrote {args.to} checkpoint {args.dst} ({ckpt.config.family}, "
         f"{ckpt.config.num_params() / 1e6:.1f}M parameters)")
-  if args.verify:
-    return verify(args.src if ckpt.format == "hf" else args.dst,
-                  args.dst if args.to == "zoo" else args.src, args.tolerance, args.dtype)
+  if args.verify:  # zoo loads the other side, whichever format it is
+    hf_side, other = (args.src, args.dst) if ckpt.format == "hf" else (args.dst, args.src)
+    return verify(hf_side, other, args.tolerance, args.dtype)
   return 0
 
 
@@ -333,8 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
   c = sub.add_parser("convert", help="convert a checkpoint between formats")
   c.add_argument("src", help="source checkpoint directory (format detected)")
   c.add_argument("dst", help="destination (must not exist unless --force)")
-  c.add_argument("--to", required=True, choices=["zoo", "hf", "peft"],
-                 help="output format (peft: a zoo LoRA adapter directory to HF peft's files)")
+  c.add_argument("--to", required=True, choices=["zoo", "hf", "meta", "peft"],
+                 help="output format (meta: params.json + consolidated.NN.pth; peft: a zoo "
+                      "LoRA adapter directory to HF peft's files)")
+  c.add_argument("--shards", type=int, help="--to meta: model-parallel shards (default 1)")
   c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                  help="cast the weights (default: keep)")
   c.add_argument("--force", action="store_true", help="replace an existing destination")
@@ -348,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
   i = sub.add_parser("init", help="write a randomly initialised model of a preset")
   i.add_argument("preset")
   i.add_argument("dst")
-  i.add_argument("--to", choices=["zoo", "hf"], default="zoo")
+  i.add_argument("--to", choices=["zoo", "hf", "meta"], default="zoo")
   i.add_argument("--seed", type=int, default=0)
   i.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
   i.add_argument("--std", type=float, help="init std for all weights, norms included")

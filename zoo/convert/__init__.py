@@ -1,4 +1,4 @@
-"""Converters between zoo checkpoints and other formats (HF transformers; more to come)."""
+"""Converters between zoo checkpoints and other formats (HF transformers, Meta consolidated)."""
 
 from zoo.convert.checkpoint import FORMATS, Checkpoint, convert, detect_format, save_params
 

@@ -3,7 +3,9 @@
 Formats:
 - "hf": an HF transformers directory (config.json + safetensors or .bin weights);
 - "zoo": zoo's own (zoo.json + safetensors holding the model's parameter tree under its own
-  dotted paths, kernels [in, out], Mixtral experts stacked).
+  dotted paths, kernels [in, out], Mixtral experts stacked);
+- "meta": Meta's consolidated format (params.json + consolidated.NN.pth model-parallel shards,
+  see zoo/convert/meta.py).
 
 A conversion holds one tensor at a time (plus, for .bin input, the one .bin file being read) and
 writes into a temporary directory that is renamed into place only when complete. Everything that
@@ -14,7 +16,6 @@ anything is written.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
@@ -22,16 +23,16 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from zoo.convert import hf
+from zoo.convert import hf, meta
 from zoo.convert.tensors import (WEIGHT_SUFFIXES, ShardedWriter, TensorSource, numpy_dtype,
-                                 weight_files, write_json)
+                                 read_json, weight_files, write_json)
 from zoo.errors import ZooError
 from zoo.models.config import LlamaConfig
 
 ZOO_META = "zoo.json"
 ZOO_FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
-FORMATS = ("zoo", "hf")
+FORMATS = ("zoo", "hf", "meta")
 
 
 def detect_format(path: str) -> str:
@@ -43,18 +44,13 @@ def detect_format(path: str) -> str:
     return "zoo"
   if os.path.exists(os.path.join(path, "config.json")):
     return "hf"
-  raise ZooError(f"{path} is not a checkpoint: it has neither {ZOO_META} nor config.json")
-
-
-def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ZooError(f"cannot read {path}: {e}") from None
-  if not isinstance(data, dict):
-    raise ZooError(f"{path} does not hold a JSON object")
-  return data
+  if os.path.exists(os.path.join(path, meta.PARAMS)):
+    return "meta"
+  shards = meta.shard_files(path)
+  if shards:
+    raise ZooError(f"{path} has {os.path.basename(shards[0])} but no {meta.PARAMS}")
+  raise ZooError(f"{path} is not a checkpoint: it has neither {ZOO_META}, config.json nor "
+                 f"{meta.PARAMS}")
 
 
 def _side_files(directory: str, skip: set[str]) -> list[str]:
@@ -75,14 +71,18 @@ class Checkpoint:
     self.path = path
     self.format = detect_format(path)
     if self.format == "hf":
-      self.config = hf.config_from_hf(_read_json(os.path.join(path, "config.json")))
+      self.config = hf.config_from_hf(read_json(os.path.join(path, "config.json")))
       self.source = TensorSource(weight_files(path, "model"))
       self.side_files = _side_files(path, {"config.json"})
+    elif self.format == "meta":
+      self.source = meta.MetaSource(path)
+      self.config = self.source.config
+      self.side_files = _side_files(path, meta.OWN_FILES)
     else:
-      meta = _read_json(os.path.join(path, ZOO_META))
-      if meta.get("format") != "zoo" or "config" not in meta:
+      described = read_json(os.path.join(path, ZOO_META))
+      if described.get("format") != "zoo" or "config" not in described:
         raise ZooError(f"{os.path.join(path, ZOO_META)} is not a zoo checkpoint description")
-      self.config = LlamaConfig.from_dict(meta["config"])
+      self.config = LlamaConfig.from_dict(described["config"])
       self.source = TensorSource(weight_files(path, "model"))
       self.side_files = _side_files(path, {ZOO_META})
     self._validate()
@@ -92,6 +92,9 @@ class Checkpoint:
     if self.format == "hf":
       expected = {e.hf: e.hf_shape for e in hf.weight_map(self.config)}
       ignorable = lambda n: hf.ignorable_hf_tensor(n, self.config)  # noqa: E731
+    elif self.format == "meta":
+      expected = {e.meta: e.shape for e in self.source.entries.values()}
+      ignorable = lambda n: n in meta.IGNORED  # noqa: E731
     else:
       expected = hf.zoo_shapes(self.config)
       ignorable = lambda n: False  # noqa: E731
@@ -102,6 +105,8 @@ class Checkpoint:
         raise ZooError(f"{info.file} has tensor {name}, which a {self.config.family} model "
                        "with this config does not have")
       if info.shape != expected[name]:
+        if self.format == "meta":
+          raise ZooError(self.source.mismatch(name, expected[name]))
         raise ZooError(f"tensor {name} in {info.file} has shape {info.shape}, but config "
                        f"implies {expected[name]}")
     for name in expected:
@@ -113,6 +118,8 @@ class Checkpoint:
     infos = self.source.infos
     if self.format == "zoo":
       return {name: info.dtype for name, info in infos.items()}
+    if self.format == "meta":
+      return {e.zoo: infos[e.meta].dtype for e in self.source.entries.values()}
     return {e.zoo: infos[e.hf].dtype for e in hf.weight_map(self.config)}
 
   def stream(self, split_experts: bool) -> Iterator[tuple[str, int | None, np.ndarray]]:
@@ -124,6 +131,12 @@ class Checkpoint:
           e = entries[name]
           array = self.source.read(name)
           yield e.zoo, e.expert, (array.T if e.transpose else array)
+      return
+    if self.format == "meta":
+      for name in self.source:
+        if name in self.source.entries:
+          e = self.source.entries[name]
+          yield e.zoo, None, meta.to_zoo(e, self.source.read(name))
       return
     stacked = {e.zoo for e in hf.weight_map(self.config) if e.expert is not None}
     for name in self.source:
@@ -183,12 +196,18 @@ def write_zoo_meta(directory: str, config: LlamaConfig):
 
 
 def write_checkpoint(ckpt: Checkpoint, out_dir: str, to: str, dtype: str | None = None,
-                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
-  """Writes `ckpt` into the existing empty directory `out_dir` in format `to`."""
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, shards: int | None = None):
+  """Writes `ckpt` into the existing empty directory `out_dir` in format `to` (`shards`: the
+  model-parallel count of a Meta output)."""
   config = ckpt.config
   cast = numpy_dtype(dtype) if dtype else None
   dtypes = ckpt.zoo_dtypes()
-  if to == "zoo":
+  side_files = ckpt.side_files
+  if shards is not None and to != "meta":
+    raise ZooError("--shards applies to --to meta only")
+  if to == "meta":
+    side_files = meta.write_meta(ckpt, out_dir, shards, cast)
+  elif to == "zoo":
     plan = [(name, cast or dtypes[name], shape) for name, shape in hf.zoo_shapes(config).items()]
     writer = ShardedWriter(out_dir, plan, max_shard_bytes)
     for name, expert, array in ckpt.stream(split_experts=False):
@@ -206,14 +225,17 @@ def write_checkpoint(ckpt: Checkpoint, out_dir: str, to: str, dtype: str | None 
     write_json(os.path.join(out_dir, "config.json"), hf_config)
   else:
     raise ZooError(f"unknown output format {to!r}; use one of {', '.join(FORMATS)}")
-  writer.close()
-  for path in ckpt.side_files:
+  if to != "meta":
+    writer.close()
+  for path in side_files:
     shutil.copy2(path, os.path.join(out_dir, os.path.basename(path)))
 
 
 def convert(src: str, dst: str, to: str, dtype: str | None = None, force: bool = False,
-            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Checkpoint:
-  """Converts the checkpoint at `src` (format detected) to format `to` at `dst`."""
+            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, shards: int | None = None
+            ) -> Checkpoint:
+  """Converts the checkpoint at `src` (format detected) to format `to` at `dst` (`shards`: the
+  model-parallel count of a Meta output, default 1)."""
   if to not in FORMATS:
     raise ZooError(f"unknown output format {to!r}; use one of {', '.join(FORMATS)}")
   if dtype is not None:
@@ -222,7 +244,7 @@ def convert(src: str, dst: str, to: str, dtype: str | None = None, force: bool =
   if os.path.abspath(src) == os.path.abspath(dst):
     raise ZooError("source and destination are the same path")
   with staged_output(dst, force) as tmp:
-    write_checkpoint(ckpt, tmp, to, dtype, max_shard_bytes)
+    write_checkpoint(ckpt, tmp, to, dtype, max_shard_bytes, shards)
   return ckpt
 
 

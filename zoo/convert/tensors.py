@@ -249,6 +249,19 @@ def weight_files(directory: str, stem: str) -> list[str]:
                  "or pytorch_model.bin)")
 
 
+def read_json(path: str) -> dict:
+  """A JSON object from `path`; a ZooError naming the file if it is missing, bad or not an
+  object."""
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ZooError(f"cannot read {path}: {e}") from None
+  if not isinstance(data, dict):
+    raise ZooError(f"{path} does not hold a JSON object")
+  return data
+
+
 def write_json(path: str, data):
   with open(path, "w") as f:
     json.dump(data, f, indent=2)
