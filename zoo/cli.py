@@ -1,7 +1,7 @@
 """The `zoo` command line.
 
     zoo train [--config configs/NAME.py[:ARGS]] [--workdir DIR] [--config.FIELD=VALUE ...]
-    zoo convert SRC DST --to {zoo,hf,meta,peft} [--shards N] [--dtype bfloat16] [--verify]
+    zoo convert SRC DST --to {zoo,hf,meta,gguf,peft} [--shards N] [--dtype bfloat16] [--verify]
     zoo init PRESET DST [--to zoo|hf|meta] [--seed 0]
     zoo generate --checkpoint DIR (--prompt TEXT | --prompt-ids 1,2,3) [--chat] [--json] ...
     zoo eval --checkpoint DIR --data FILES_OR_TFDS_NAME [--seq-len N] [--batch-size N]
@@ -42,7 +42,7 @@ def cmd_convert(args) -> int:
     spec, weights = adapter_to_peft(args.src, args.dst, force=args.force)
     print(f"wrote peft adapter {args.dst} (rank {spec.rank}, {len(weights) // 2} modules)")
     return 0
-  if args.verify:
+  if args.verify and args.to != "gguf":
     from zoo.convert.checkpoint import detect_format
     if "hf" not in (detect_format(args.src), args.to):
       raise ZooError("--verify compares with transformers, so one side must be an hf "
@@ -51,10 +51,24 @@ def cmd_convert(args) -> int:
                  max_shard_bytes=args.max_shard_size, shards=getattr(args, "shards", None))
   print(f"wrote {args.to} checkpoint {args.dst} ({ckpt.config.family}, "
         f"{ckpt.config.num_params() / 1e6:.1f}M parameters)")
+  for note in ckpt.notes:
+    print(f"note: {note}")
+  if args.verify and args.to == "gguf":
+    return verify_gguf(args.src, args.dst, args.tolerance)
   if args.verify:  # zoo loads the other side, whichever format it is
     hf_side, other = (args.src, args.dst) if ckpt.format == "hf" else (args.dst, args.src)
-    return verify(hf_side, other, args.tolerance, args.dtype)
+    return verify(hf_side, other, 1e-4 if args.tolerance is None else args.tolerance,
+                  args.dtype)
   return 0
+
+
+def verify_gguf(src: str, gguf_path: str, tolerance: float | None) -> int:
+  from zoo.convert.verify import compare_gguf
+  diff, allowed = compare_gguf(src, gguf_path, tolerance=tolerance)
+  ok = diff <= allowed
+  print(f"verify: max |logit difference| zoo vs llama.cpp = {diff:.3g} "
+        f"(allowed {allowed:.3g}): {'ok' if ok else 'FAILED'}")
+  return 0 if ok else 1
 
 
 def verify(hf_dir: str, zoo_path: str, tolerance: float, weights_dtype: str | None = None
@@ -338,18 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
   c = sub.add_parser("convert", help="convert a checkpoint between formats")
   c.add_argument("src", help="source checkpoint directory (format detected)")
   c.add_argument("dst", help="destination (must not exist unless --force)")
-  c.add_argument("--to", required=True, choices=["zoo", "hf", "meta", "peft"],
-                 help="output format (meta: params.json + consolidated.NN.pth; peft: a zoo "
-                      "LoRA adapter directory to HF peft's files)")
+  c.add_argument("--to", required=True, choices=["zoo", "hf", "meta", "gguf", "peft"],
+                 help="output format (meta: params.json + consolidated.NN.pth; gguf: one file "
+                      "for llama.cpp; peft: a zoo LoRA adapter directory to HF peft's files)")
   c.add_argument("--shards", type=int, help="--to meta: model-parallel shards (default 1)")
-  c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                 help="cast the weights (default: keep)")
+  c.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "f32", "f16", "bf16",
+                                      "q8_0"],
+                 help="cast the weights (default: keep); --to gguf takes f32, f16, bf16, q8_0")
   c.add_argument("--force", action="store_true", help="replace an existing destination")
   c.add_argument("--max-shard-size", type=_size, default=5 * 2**30, help="default 5GB")
   c.add_argument("--verify", action="store_true",
                  help="compare logits with transformers (needs torch and transformers)")
-  c.add_argument("--tolerance", type=float, default=1e-4,
-                 help="--verify fails above this times the logits' scale (default 1e-4)")
+  c.add_argument("--tolerance", type=float,
+                 help="--verify fails above this times the logits' scale (default 1e-4; GGUF "
+                      "against llama.cpp: 1e-3 f32, 1e-2 f16, 5e-2 bf16, 0.1 q8_0)")
   c.set_defaults(func=cmd_convert)
 
   i = sub.add_parser("init", help="write a randomly initialised model of a preset")

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from zoo.convert import hf, meta
+from zoo.convert import gguf, hf, meta
 from zoo.convert.tensors import (WEIGHT_SUFFIXES, ShardedWriter, TensorSource, numpy_dtype,
                                  read_json, weight_files, write_json)
 from zoo.errors import ZooError
@@ -33,6 +33,7 @@ ZOO_META = "zoo.json"
 ZOO_FORMAT_VERSION = 1
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 FORMATS = ("zoo", "hf", "meta")
+OUTPUT_FORMATS = (*FORMATS, "gguf")  # GGUF is written, not read
 
 
 def detect_format(path: str) -> str:
@@ -86,6 +87,7 @@ class Checkpoint:
       self.source = TensorSource(weight_files(path, "model"))
       self.side_files = _side_files(path, {ZOO_META})
     self._validate()
+    self.notes: list[str] = []  # what a conversion tells the user beyond the output's path
 
   def _validate(self):
     infos = self.source.infos
@@ -146,6 +148,19 @@ class Checkpoint:
       else:
         yield name, None, self.source.read(name)
 
+  def read(self, zoo_name: str) -> np.ndarray:
+    """One whole tensor under its zoo name and layout (Mixtral experts stacked), read on demand
+    in any order."""
+    if self.format == "zoo":
+      return self.source.read(zoo_name)
+    if self.format == "meta":
+      e = next(e for e in self.source.entries.values() if e.zoo == zoo_name)
+      return meta.to_zoo(e, self.source.read(e.meta))
+    pieces = [e for e in hf.weight_map(self.config) if e.zoo == zoo_name]
+    arrays = [self.source.read(e.hf) for e in pieces]
+    arrays = [a.T if e.transpose else a for e, a in zip(pieces, arrays)]
+    return arrays[0] if pieces[0].expert is None else np.stack(arrays)
+
   def params(self) -> dict[str, np.ndarray]:
     """The whole parameter tree in memory (zoo names), for loading a model."""
     out = {}
@@ -161,6 +176,34 @@ class Checkpoint:
     return out
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+@contextlib.contextmanager
+def staged_file(dst: str, force: bool):
+  """A temporary file name beside `dst`, renamed to `dst` only if the block succeeds."""
+  dst = os.path.abspath(dst)
+  if os.path.lexists(dst) and not force:
+    raise ZooError(f"{dst} already exists (pass --force to replace it)")
+  if os.path.isdir(dst):
+    raise ZooError(f"{dst} is a directory; a GGUF output is one file")
+  parent = os.path.dirname(dst)
+  if not os.path.isdir(parent):
+    raise ZooError(f"cannot write {dst}: directory {parent} does not exist")
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+  os.close(fd)
+  os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets, not model files
+  try:
+    yield tmp
+  except BaseException:
+    os.unlink(tmp)
+    raise
+  os.replace(tmp, dst)
+
+
 @contextlib.contextmanager
 def staged_output(dst: str, force: bool):
   """A temporary directory beside `dst`, renamed to `dst` only if the block succeeds."""
@@ -171,6 +214,7 @@ def staged_output(dst: str, force: bool):
   if not os.path.isdir(parent):
     raise ZooError(f"cannot write {dst}: directory {parent} does not exist")
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+  os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the output from other users
   try:
     yield tmp
   except BaseException:
@@ -236,13 +280,22 @@ def convert(src: str, dst: str, to: str, dtype: str | None = None, force: bool =
             ) -> Checkpoint:
   """Converts the checkpoint at `src` (format detected) to format `to` at `dst` (`shards`: the
   model-parallel count of a Meta output, default 1)."""
-  if to not in FORMATS:
-    raise ZooError(f"unknown output format {to!r}; use one of {', '.join(FORMATS)}")
-  if dtype is not None:
+  if to not in OUTPUT_FORMATS:
+    raise ZooError(f"unknown output format {to!r}; use one of {', '.join(OUTPUT_FORMATS)}")
+  if to == "gguf":
+    if shards is not None:
+      raise ZooError("--shards applies to --to meta only")
+    if dtype is not None and dtype not in gguf.DTYPES:
+      raise ZooError(f"--dtype {dtype} is not a GGUF type; use one of f32, f16, bf16, q8_0")
+  elif dtype is not None:
     numpy_dtype(dtype)
   ckpt = Checkpoint(src)
   if os.path.abspath(src) == os.path.abspath(dst):
     raise ZooError("source and destination are the same path")
+  if to == "gguf":
+    with staged_file(dst, force) as tmp:
+      ckpt.notes = gguf.write_gguf(ckpt, tmp, dtype)
+    return ckpt
   with staged_output(dst, force) as tmp:
     write_checkpoint(ckpt, tmp, to, dtype, max_shard_bytes, shards)
   return ckpt
