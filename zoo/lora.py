@@ -125,10 +125,21 @@ def add_lora(model, spec: LoraSpec, *, seed: int = 0) -> list[str]:
     module.lora_b = nnx.data(nnx.LoRAParam(b, out_sharding=(None, names_out),
                                            eager_sharding=False))
     module.lora_scale = float(spec.scale)
+    if isinstance(module, Linear):  # peft has no dropout on embedding adapters either
+      module.lora_dropout = float(spec.dropout)
     paths.append(path)
   if not paths:
     raise ZooError(f"no layer matches the LoRA targets {list(spec.targets)}")
   return paths
+
+
+def set_dropout_rng(model, key: jax.Array):
+  """Gives each adapted Linear with dropout its own key (folded in from `key` by position) for
+  one forward pass: a train step calls it on the model it merges, with a key from its state and
+  step, so dropout masks are new every step and the same after a resume."""
+  for i, (_, m) in enumerate(_modules(model)):
+    if isinstance(m, Linear) and m.lora_a is not None and m.lora_dropout > 0:
+      m.lora_rng = nnx.data(jax.random.fold_in(key, i))
 
 
 def adapted_paths(model) -> list[str]:

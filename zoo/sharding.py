@@ -121,6 +121,27 @@ def variable_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> dict:
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
 
 
+def quantized_sharding(q, weight_sharding: NamedSharding):
+  """Shardings for the leaves of a block-quantized weight (zoo.layers.quant.QTensor) whose
+  float weight the rules place at `weight_sharding`.
+
+  Blocks run along the weight's rows in row-major order, so splitting the block axis of codes
+  and scales into k equal parts splits the weight into k groups of whole rows: the weight's
+  first-axis sharding carries over whenever each device's rows fill whole blocks. Otherwise
+  (or when the rules shard another axis only) the weight stays whole on each device.
+  """
+  mesh, spec = weight_sharding.mesh, weight_sharding.spec
+  first = spec[0] if len(spec) else None
+  rows, row_size = q.shape[0], math.prod(q.shape[1:])
+  if first is not None:
+    parts = math.prod(mesh.shape[a] for a in ((first,) if isinstance(first, str) else first))
+    if rows % parts == 0 and (rows // parts * row_size) % q.block_size == 0:
+      block_spec = NamedSharding(mesh, PartitionSpec(first, None))
+      return type(q)(block_spec, block_spec, q.kind, q.shape, q.block_size, q.dtype)
+  whole = replicated(mesh)
+  return type(q)(whole, whole, q.kind, q.shape, q.block_size, q.dtype)
+
+
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
   """Batch arrays [B, T, ...]: the batch dimension split as the rules say for `batch`."""
   return NamedSharding(mesh, logical_to_spec(("batch", "length"), rules))

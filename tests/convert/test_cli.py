@@ -121,12 +121,12 @@ def test_bad_input_is_one_line_and_writes_nothing(case, save_hf, tmp_path):
 
 def test_bad_flags_and_paths(tmp_path, capsys):
   assert main(["convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--to", "zoo"]) == 2
-  assert main(["convert", str(tmp_path), str(tmp_path / "out"), "--to", "gguf"]) == 2
+  assert main(["convert", str(tmp_path), str(tmp_path / "out"), "--to", "ggml"]) == 2
   assert main(["convert", str(tmp_path), str(tmp_path / "no" / "out"), "--to", "zoo"]) == 2
   assert main(["init", "no_such_preset", str(tmp_path / "x")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 4 and all(line.startswith("zoo") for line in err)
-  assert "does not exist" in err[0] and "invalid choice: 'gguf'" in err[1]
+  assert "does not exist" in err[0] and "invalid choice: 'ggml'" in err[1]
 
 
 def test_demo_runs(tmp_path):

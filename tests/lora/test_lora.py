@@ -158,6 +158,80 @@ def test_lora_step_trains_only_the_adapters(save_hf):
     make_train_step(graphdef, tx, schedule, frozen=True)(state, batch)
 
 
+def test_lora_dropout_matches_peft_with_the_same_masks(save_hf, tmp_path):
+  """With a dropout key, each adapted layer drops its adapter's input (never the base path) and
+  scales the rest by 1 / keep, as peft's lora_dropout does: peft, given zoo's masks in place of
+  its torch dropout, computes the same logits. Without a key the adapters are deterministic."""
+  hf_dir = save_hf(hf_model("llama"))
+  model = zoo.load(hf_dir)
+  spec = lora.LoraSpec(rank=4, alpha=8, targets=("all-linear",), dropout=0.3)
+  lora.add_lora(model, spec)
+  randomize_adapters(model, std=0.3)
+  lora.save_peft(model, str(tmp_path / "peft"), spec)
+  x = tokens()
+  plain = model.logits(x)
+  np.testing.assert_allclose(peft_logits(hf_dir, str(tmp_path / "peft"), x), plain, atol=1e-4,
+                             rtol=0)
+  key = jax.random.key(7)
+  lora.set_dropout_rng(model, key)
+  dropped = model.logits(x)
+  assert np.abs(dropped - plain).max() > 1e-2
+
+  import transformers
+  hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+  peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
+
+  class Mask(torch.nn.Module):
+    def __init__(self, mask):
+      super().__init__()
+      self.mask = torch.as_tensor(np.asarray(mask, np.float32))
+
+    def forward(self, h):
+      return h * self.mask / 0.7
+
+  layers = peft_model.base_model.model.model.layers
+  for i, (path, m) in enumerate(lora._modules(model)):
+    if m.lora_a is None:
+      continue
+    _, layer, block, name = path.split(".")
+    mask = jax.random.bernoulli(jax.random.fold_in(key, i), 0.7, (*x.shape, m.kernel.shape[0]))
+    getattr(getattr(layers[int(layer)], block), name).lora_dropout["default"] = Mask(mask)
+  with torch.no_grad():
+    theirs = peft_model(torch.as_tensor(x)).logits.numpy()
+  np.testing.assert_allclose(theirs, dropped, atol=1e-4, rtol=0)
+
+
+def test_lora_dropout_in_the_train_step(save_hf):
+  """Masks come from the state's rng and step: the same state and batch give the same update,
+  the next step draws new masks, and dropout 0 is the plain step."""
+  model = zoo.load(save_hf(hf_model("llama")))
+  lora.add_lora(model, lora.LoraSpec(rank=4, alpha=8, targets=("all-linear",), dropout=0.5))
+  randomize_adapters(model)
+  graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, nnx.Param)
+  adapters, base = nnx.to_pure_dict(adapters), nnx.to_pure_dict(base)
+  tx, schedule = make_optimizer(dict(name="adamw", lr=1e-2, schedule="constant",
+                                     warmup_steps=0), 100)
+  x = np.random.default_rng(0).integers(0, 128, (4, 33)).astype(np.int32)
+  batch = {"tokens": x[:, :-1], "targets": x[:, 1:],
+           "positions": np.broadcast_to(np.arange(32, dtype=np.int32), (4, 32)).copy(),
+           "segment_ids": np.ones((4, 32), np.int32), "weights": np.ones((4, 32), np.float32)}
+
+  def state(step=0):
+    return {"step": jnp.asarray(step, jnp.int32), "params": adapters,
+            "opt_state": tx.init(adapters),
+            "rng": jax.random.key_data(jax.random.key(1))}
+
+  losses = {}
+  for dropout, accum in ((False, 1), (True, 1), (True, 2)):
+    step = jax.jit(make_train_step(graphdef, tx, schedule, frozen=True, dropout=dropout,
+                                   grad_accum=accum))
+    losses[dropout, accum] = [float(step(state(s), batch, base)[1]["loss"]) for s in (0, 0, 1)]
+  plain, drop, drop_accum = losses[False, 1], losses[True, 1], losses[True, 2]
+  assert plain[0] == plain[1] == plain[2]  # no dropout: the step number changes nothing
+  assert drop[0] == drop[1] and drop[0] != drop[2]  # same step, same masks; next step, new
+  assert drop[0] != plain[0] and drop_accum[0] != drop[0]  # microbatches draw their own
+
+
 def test_adapters_shard_like_their_weights(save_hf):
   model = zoo.load(save_hf(hf_model("llama")))
   lora.add_lora(model, lora.LoraSpec(rank=4, alpha=8, targets=("q_proj", "down_proj")))
@@ -260,3 +334,44 @@ def test_qlora_step_tracks_the_bf16_base(save_hf):
   assert np.max(np.abs(np.array(losses["nf4"]) - ref) / ref) < 0.03
   assert np.max(np.abs(np.array(losses["int8"]) - ref) / ref) < 0.005
   assert ratio["nf4"] <= 0.30 and ratio["int8"] <= 0.55
+
+
+def test_quantized_base_is_sharded_by_the_rules(save_hf):
+  """On an (fsdp 4, tensor 2) mesh the NF4 base keeps the rules' row sharding (codes and scales
+  split by blocks, each device holding whole rows), and a QLoRA step on the mesh gives the
+  single-device loss."""
+  from zoo.layers.quant import is_quantized, quantize_tree
+  model = zoo.load(save_hf(hf_model("llama")))
+  lora.add_lora(model, lora.LoraSpec(rank=4, alpha=8, targets=("all-linear",)))
+  graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, nnx.Param)
+  mesh = sharding.make_mesh((1, 4, 2))
+  base_shardings = sharding.variable_shardings(base, mesh, sharding.DEFAULT_RULES)
+  adapters, base = nnx.to_pure_dict(adapters), nnx.to_pure_dict(base)
+  base = quantize_tree(base, "nf4")
+  base_shardings = jax.tree.map(
+      lambda leaf, s: sharding.quantized_sharding(leaf, s) if is_quantized(leaf) else s,
+      base, base_shardings, is_leaf=is_quantized)
+  placed = jax.device_put(base, base_shardings)
+  q = placed["layers"][0]["self_attn"]["q_proj"]["kernel"]  # [embed 64, heads 64], fsdp rows
+  assert q.codes.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+  assert q.codes.addressable_shards[0].data.shape[0] == q.codes.shape[0] // 4
+  head = placed["lm_head"]["kernel"]  # [embed 64, vocab 128]
+  assert head.scales.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+
+  tx, schedule = make_optimizer(dict(name="adamw", lr=1e-2, schedule="constant",
+                                     warmup_steps=0), 100)
+  x = np.random.default_rng(0).integers(0, 128, (8, 33)).astype(np.int32)
+  batch = {"tokens": x[:, :-1], "targets": x[:, 1:],
+           "positions": np.broadcast_to(np.arange(32, dtype=np.int32), (8, 32)).copy(),
+           "segment_ids": np.ones((8, 32), np.int32), "weights": np.ones((8, 32), np.float32)}
+  losses = []
+  for base_tree in (base, placed):
+    state = {"step": jnp.zeros((), jnp.int32), "params": adapters,
+             "opt_state": tx.init(adapters), "rng": jnp.zeros(2, jnp.uint32)}
+    step = jax.jit(make_train_step(graphdef, tx, schedule, frozen=True))
+    run = []
+    for _ in range(3):
+      state, metrics = step(state, batch, base_tree)
+      run.append(float(metrics["loss"]))
+    losses.append(run)
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)

@@ -44,7 +44,8 @@ def run_config(workdir, config, args, wait=True):
 
 
 def lora_train(workdir, corpus, base, arg="", wait=True, **overrides):  # noqa: F811
-  config = f"configs/lora.py:shrink,init_from={base},rank=4{arg}"
+  # with LoRA dropout, so that the resume test also covers its masks
+  config = f"configs/lora.py:shrink,init_from={base},rank=4,dropout=0.1{arg}"
   return run_config(workdir, config, lora_flags(corpus, base, **overrides), wait=wait)
 
 
@@ -88,7 +89,7 @@ def test_lora_run_saves_only_adapters_and_peft_loads_them(lora_reference, corpus
   adapted = peft.PeftModel.from_pretrained(hf, str(workdir / "adapter_peft")).eval()
   np.testing.assert_allclose(hf_logits(adapted, x), ours, atol=1e-4, rtol=0)
   config = json.loads((workdir / "adapter_peft" / "adapter_config.json").read_text())
-  assert config["r"] == 4 and config["lora_alpha"] == 8
+  assert config["r"] == 4 and config["lora_alpha"] == 8 and config["lora_dropout"] == 0.1
   assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                            "up_proj", "down_proj"}
 

@@ -51,9 +51,13 @@ class Linear(nnx.Module):
     self.bias = (param(rngs, nnx.initializers.zeros, (dout,), param_dtype, names[-1:])
                  if use_bias else None)
     self.names = tuple(names)
-    # A low-rank adapter (zoo.lora.add_lora): y += (x @ lora_a) @ lora_b * lora_scale.
+    # A low-rank adapter (zoo.lora.add_lora): y += (dropout(x) @ lora_a) @ lora_b * lora_scale.
+    # Dropout (peft's lora_dropout, on the adapter's input only) runs when a train step has
+    # given the layer a key (zoo.lora.set_dropout_rng); otherwise the adapter is deterministic.
     self.lora_a = self.lora_b = None
     self.lora_scale = 0.0
+    self.lora_dropout = 0.0
+    self.lora_rng = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
@@ -61,6 +65,10 @@ class Linear(nnx.Module):
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora_a is not None:
+      if self.lora_rng is not None and self.lora_dropout > 0:
+        keep = 1.0 - self.lora_dropout
+        x = jnp.where(jax.random.bernoulli(self.lora_rng, keep, x.shape), x / keep,
+                      0).astype(self.dtype)
       low = matmul(x, self.lora_a[...].astype(self.dtype))
       y = y + matmul(low, self.lora_b[...].astype(self.dtype)) * self.lora_scale
     return y

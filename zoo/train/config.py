@@ -67,8 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
   # LoRA (rank > 0): train low-rank adapters on the frozen init_from checkpoint; the base may be
   # held quantized (QLoRA: int8 or nf4, block-wise scales) and is dequantized inside the step.
   c.lora = ml_collections.ConfigDict(dict(
-      rank=0, alpha=16.0, targets="q_proj,v_proj", rslora=False, quantize="none",
-      block_size=64))
+      rank=0, alpha=16.0, targets="q_proj,v_proj", dropout=0.0, rslora=False,
+      quantize="none", block_size=64))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = tuple(DEFAULT_RULES)
   return c

@@ -134,7 +134,7 @@ def lora_spec(config):
     raise ZooError(f"unknown lora.quantize {cfg.quantize!r}; use none, {', '.join(KINDS)}")
   targets = tuple(t.strip() for t in str(cfg.targets).split(",") if t.strip())
   return LoraSpec(rank=cfg.rank, alpha=float(cfg.alpha), targets=targets,
-                  rslora=bool(cfg.rslora))
+                  dropout=float(cfg.dropout), rslora=bool(cfg.rslora))
 
 
 @dataclasses.dataclass
@@ -164,9 +164,9 @@ def _lora_setup(run: Run) -> _Lora:
   adapters, base = nnx.to_pure_dict(adapters), nnx.to_pure_dict(base)
   if config.lora.quantize != "none":
     base = quantize_tree(base, config.lora.quantize, config.lora.block_size)
-    # A quantized weight's blocks do not follow its logical axes: keep it whole on each device.
+    # A quantized weight keeps the rules' sharding of its rows (sharding.quantized_sharding).
     base_shardings = jax.tree.map(
-        lambda leaf, s: sharding.replicated(run.mesh) if is_quantized(leaf) else s,
+        lambda leaf, s: sharding.quantized_sharding(leaf, s) if is_quantized(leaf) else s,
         base, base_shardings, is_leaf=is_quantized)
   base = jax.device_put(base, base_shardings)
   return _Lora(spec, graphdef, base, base_shardings, adapters, adapter_shardings)
@@ -356,7 +356,8 @@ def train(config, workdir: str) -> dict:
   base = None if frozen is None else frozen.base
   extra = () if frozen is None else (frozen.base_shardings,)
   train_step = jax.jit(make_train_step(graphdef, tx, schedule, z_loss=tcfg.z_loss,
-                                       grad_accum=tcfg.grad_accum, frozen=frozen is not None),
+                                       grad_accum=tcfg.grad_accum, frozen=frozen is not None,
+                                       dropout=frozen is not None and frozen.spec.dropout > 0),
                        in_shardings=(shardings, batch_sharding, *extra),
                        out_shardings=(shardings, sharding.replicated(run.mesh)),
                        donate_argnums=0)
