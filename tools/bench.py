@@ -3,7 +3,7 @@
     python tools/bench.py convert [--size-mb 1000] [--shards 4] [--workdir DIR] [--keep]
     python tools/bench.py train [--steps 5] [--rounds 7] [--vocab 2000,32000] [--devices 1]
     python tools/bench.py decode [--batches 1,8] [--new-tokens 64] [--rounds 5]
-    python tools/bench.py lora [--steps 3] [--rank 16]
+    python tools/bench.py lora [--steps 3] [--rank 16] [--model small|medium]
 
 `train` times zoo's jitted train step (AdamW, float32) on a tiny LLaMA against transformers'
 LlamaForCausalLM in torch eager with torch.optim.AdamW, each in its own process, alternating,
@@ -887,31 +887,33 @@ _LORA_WORKER = r"""
 import json, sys, time
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from zoo import lora
-from zoo.layers.quant import bf16_bytes, is_quantized, nbytes, quantize_tree
-from zoo.models.llama import Llama
-from zoo.models.presets import get_preset
+from zoo import lora, sharding
+from zoo.convert.checkpoint import Checkpoint
+from zoo.layers.quant import bf16_bytes, is_quantized, nbytes
+from zoo.models.llama import abstract_model
+from zoo.train.loop import load_tree, lora_split
 from zoo.train.optim import make_optimizer
 from zoo.train.step import make_train_step
 kind, spec = sys.argv[1], json.loads(sys.argv[2])
-config = get_preset("tiny_llama", **spec["model"])
-model = Llama(config, rngs=nnx.Rngs(0))
+config = Checkpoint(spec["checkpoint"]).config
+mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
 tx, schedule = make_optimizer(dict(name="adamw", lr=1e-4, schedule="constant", warmup_steps=0),
                               100)
 ratio = None
+# the loading paths of `zoo train`: tensor by tensor from the checkpoint, nothing drawn at random
 if kind == "full":
-  graphdef, params = nnx.split(model, nnx.Param)
-  params, base = nnx.to_pure_dict(params), None
+  graphdef, abstract = nnx.split(abstract_model(config), nnx.Param)
+  shardings = sharding.variable_shardings(abstract, mesh, sharding.DEFAULT_RULES)
+  params, _ = load_tree(spec["checkpoint"], nnx.to_pure_dict(abstract), shardings)
+  base = None
 else:
-  lora.add_lora(model, lora.LoraSpec(rank=spec["rank"], alpha=2 * spec["rank"],
-                                     targets=("all-linear",)))
-  graphdef, params, base = nnx.split(model, nnx.LoRAParam, nnx.Param)
-  params, base = nnx.to_pure_dict(params), nnx.to_pure_dict(base)
+  graphdef, params, _, base, _ = lora_split(
+      config, lora.LoraSpec(rank=spec["rank"], alpha=2 * spec["rank"], targets=("all-linear",)),
+      spec["checkpoint"], mesh, sharding.DEFAULT_RULES,
+      quantize="nf4" if kind == "qlora" else "none")
   if kind == "qlora":
-    base = quantize_tree(base, "nf4")
     q = [x for x in jax.tree.leaves(base, is_leaf=is_quantized) if is_quantized(x)]
     ratio = sum(map(nbytes, q)) / sum(map(bf16_bytes, q))
-del model
 state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
          "rng": jnp.zeros(2, jnp.uint32)}
 b, t = spec["batch"], spec["seq_len"]
@@ -922,7 +924,8 @@ batch = {"tokens": x[:, :-1], "targets": x[:, 1:],
 step = jax.jit(make_train_step(graphdef, tx, schedule, frozen=base is not None),
                donate_argnums=0)
 args = () if base is None else (base,)
-state, m = step(state, batch, *args)
+for _ in range(2):  # the second call compiles again: the state comes back placed on the mesh
+  state, m = step(state, batch, *args)
 jax.block_until_ready(m)
 start = time.perf_counter()
 for _ in range(spec["steps"]):
@@ -939,15 +942,35 @@ def add_lora_args(p: argparse.ArgumentParser):
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--seq-len", type=int, default=128)
+  p.add_argument("--model", choices=sorted(LORA_MODELS), default="medium",
+                 help="small: 91M parameters, medium: 335M (default)")
+
+
+# 91M and 335M float32 LLaMAs; at the small size the JAX runtime and XLA's compile memory
+# (a few hundred MB, the same for every kind of step) weigh on every peak.
+LORA_MODELS = {
+  "small": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=6,
+                num_heads=12, num_kv_heads=12, head_dim=64, max_position_embeddings=2048),
+  "medium": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=20,
+                 num_heads=16, num_kv_heads=16, head_dim=64, max_position_embeddings=2048),
+}
 
 
 def bench_lora(args, workdir: str) -> dict:
-  del workdir
-  spec = {"model": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048,
-                        num_layers=6, num_heads=12, num_kv_heads=12, head_dim=64,
-                        max_position_embeddings=2048),
-          "rank": args.rank, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps}
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  checkpoint = os.path.join(workdir, "base")
+  make = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench; "
+          "from zoo.cli import init_checkpoint; "
+          "init_checkpoint('tiny_llama', sys.argv[2], overrides=bench.LORA_MODELS[sys.argv[3]]); "
+          "from zoo.convert import Checkpoint; "
+          "print(Checkpoint(sys.argv[2]).config.num_params())")
+  run = measure(python_cmd(make, os.path.dirname(os.path.abspath(__file__)), checkpoint,
+                           args.model), "writing the base checkpoint")
+  params = int(run.output.strip().splitlines()[-1])
+  print(f"model: {args.model}, {params / 1e6:.0f}M parameters, float32; batch {args.batch} x "
+        f"{args.seq_len} tokens; LoRA rank {args.rank} on every linear layer")
+  spec = {"checkpoint": checkpoint, "rank": args.rank, "batch": args.batch,
+          "seq_len": args.seq_len, "steps": args.steps}
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   runs = {}
   for kind in ("lora", "qlora", "full"):
     run = measure(python_cmd(_LORA_WORKER, kind, json.dumps(spec)), kind, env=env)
@@ -965,7 +988,8 @@ def bench_lora(args, workdir: str) -> dict:
           "lora_tokens_per_sec": runs["lora"]["tokens_per_sec"],
           "qlora_tokens_per_sec": runs["qlora"]["tokens_per_sec"],
           "full_tokens_per_sec": runs["full"]["tokens_per_sec"],
-          "qlora_base_bytes_ratio": runs["qlora"]["base_bytes_ratio"]}
+          "qlora_base_bytes_ratio": runs["qlora"]["base_bytes_ratio"], "model": args.model,
+          "params": params}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,26 +149,62 @@ class _Lora:
   adapter_shardings: dict
 
 
-def _lora_setup(run: Run) -> _Lora:
+def load_tree(path: str, abstract: dict, shardings: dict, convert=None) -> tuple[dict, dict]:
+  """The checkpoint's parameters in the structure of `abstract` (a pure dict of
+  ShapeDtypeStructs from an abstract model), read one tensor at a time, cast to each leaf's
+  dtype, passed through `convert(name, array)` if given (QLoRA quantizes there), and placed
+  by `shardings` (a quantized leaf by sharding.quantized_sharding). At no point does the
+  process hold more than the placed tree and one tensor in flight. Returns (tree, shardings).
+  """
+  from zoo.layers.quant import is_quantized
+  ckpt = Checkpoint(path)
+
+  def one(p, leaf, s):
+    name = _dotted(p)
+    value = np.asarray(ckpt.read(name)).astype(leaf.dtype)
+    if convert is not None:
+      value = convert(name, value)
+    if is_quantized(value):
+      s = sharding.quantized_sharding(value, s)
+    return jax.device_put(value, s)
+
+  tree = jax.tree_util.tree_map_with_path(one, abstract, shardings)
+  return tree, jax.tree.map(lambda x: x.sharding, tree)
+
+
+def lora_split(model_config: LlamaConfig, spec, init_from: str, mesh, rules, *,
+               quantize: str = "none", block_size: int = 64, seed: int = 0, **model_kwargs):
+  """A LoRA run's trees: (graphdef, adapters, adapter shardings, frozen base, base shardings).
+  The adapters are added to an abstract (shape-only) model, so the base is never built at
+  random; it is then read from `init_from` tensor by tensor, quantized as it arrives when
+  `quantize` is int8 or nf4, and placed by the rules."""
   from zoo import lora
-  from zoo.layers.quant import is_quantized, quantize_tree
-  from zoo.models.llama import from_params
+  from zoo.layers.quant import default_predicate, quantize as quantize_array
+  model = abstract_model(model_config, **model_kwargs)
+  lora.add_lora(model, spec, seed=seed)
+  graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, nnx.Param)
+  adapter_shardings = sharding.variable_shardings(adapters, mesh, rules)
+  base_shardings = sharding.variable_shardings(base, mesh, rules)
+  convert = None
+  if quantize != "none":
+    def convert(name, array):
+      if not default_predicate(name, array):
+        return array
+      try:
+        return quantize_array(array, quantize, block_size)
+      except ZooError as e:
+        raise ZooError(f"{name}: {e}") from None
+  base, base_shardings = load_tree(init_from, nnx.to_pure_dict(base), base_shardings, convert)
+  return graphdef, nnx.to_pure_dict(adapters), adapter_shardings, base, base_shardings
+
+
+def _lora_setup(run: Run) -> _Lora:
   config = run.config
   spec = lora_spec(config)
-  model = from_params(run.model_config, Checkpoint(config.init_from).params(),
-                      **_model_kwargs(config))
-  lora.add_lora(model, spec, seed=config.train.seed)
-  graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, nnx.Param)
-  adapter_shardings = sharding.variable_shardings(adapters, run.mesh, run.rules)
-  base_shardings = sharding.variable_shardings(base, run.mesh, run.rules)
-  adapters, base = nnx.to_pure_dict(adapters), nnx.to_pure_dict(base)
-  if config.lora.quantize != "none":
-    base = quantize_tree(base, config.lora.quantize, config.lora.block_size)
-    # A quantized weight keeps the rules' sharding of its rows (sharding.quantized_sharding).
-    base_shardings = jax.tree.map(
-        lambda leaf, s: sharding.quantized_sharding(leaf, s) if is_quantized(leaf) else s,
-        base, base_shardings, is_leaf=is_quantized)
-  base = jax.device_put(base, base_shardings)
+  graphdef, adapters, adapter_shardings, base, base_shardings = lora_split(
+      run.model_config, spec, config.init_from, run.mesh, run.rules,
+      quantize=config.lora.quantize, block_size=config.lora.block_size,
+      seed=config.train.seed, **_model_kwargs(config))
   return _Lora(spec, graphdef, base, base_shardings, adapters, adapter_shardings)
 
 
@@ -210,19 +246,17 @@ def _init_fn(run: Run, tx):
 
 
 def _initial_state(run: Run, tx, shardings):
-  key = jax.random.key(run.config.train.seed)
-  init = jax.jit(_init_fn(run, tx), out_shardings=shardings)
-  state = init(key)
-  if run.config.init_from:
-    loaded = Checkpoint(run.config.init_from).params()
-    param_dtype = jnp.dtype(run.config.param_dtype)
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, leaf: jax.device_put(
-            np.asarray(loaded[_dotted(path)]).astype(param_dtype), leaf.sharding),
-        state["params"])
-    state = dict(state, params=params,
-                 opt_state=jax.jit(tx.init, out_shardings=shardings["opt_state"])(params))
-  return state
+  init = _init_fn(run, tx)
+  if not run.config.init_from:
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(run.config.train.seed))
+  # Fine-tuning: the parameters come from the checkpoint tensor by tensor (nothing is drawn at
+  # random), then the optimizer state is initialised from them.
+  abstract = jax.eval_shape(init, jax.random.key(run.config.train.seed))
+  params, _ = load_tree(run.config.init_from, abstract["params"], shardings["params"])
+  return {"step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]), "params": params,
+          "opt_state": jax.jit(tx.init, out_shardings=shardings["opt_state"])(params),
+          "rng": jax.device_put(jax.random.key_data(jax.random.key(run.config.train.seed + 1)),
+                                shardings["rng"])}
 
 
 def _to_global(batch: dict, batch_sharding) -> dict:
