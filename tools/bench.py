@@ -837,20 +837,17 @@ def bench_decode(args, workdir: str) -> dict:
            "background_cpu": round(median(shares), 3), "rounds_dropped": dropped}
     line = (f"batch {batch}: zoo {row['zoo_tokens_per_sec']:6.1f} tokens/s "
             f"({row['zoo_fraction_of_bound']:.0%} of the bound {bound:.0f})")
-    if not args.no_peer:
-      ratios = [z / t for z, t in zip(rates["zoo"], rates["transformers"])]
-      row.update({"peer_tokens_per_sec": round(median(rates["transformers"]), 1),
-                  "peer_rounds": [round(r, 1) for r in rates["transformers"]],
-                  "ratio": round(median(ratios), 3)})
-      line += (f", transformers generate {row['peer_tokens_per_sec']:6.1f} tokens/s: "
-               f"zoo/transformers {row['ratio']:.2f}x")
-    if "llama.cpp" in rates:
-      vs = [z / c for z, c in zip(rates["zoo"], rates["llama.cpp"])]
-      row.update({"llamacpp_tokens_per_sec": round(median(rates["llama.cpp"]), 1),
-                  "llamacpp_rounds": [round(r, 1) for r in rates["llama.cpp"]],
-                  "ratio_vs_llamacpp": round(median(vs), 3)})
-      line += (f", llama.cpp on zoo's f32 GGUF {row['llamacpp_tokens_per_sec']:6.1f} tokens/s:"
-               f" zoo/llama.cpp {row['ratio_vs_llamacpp']:.2f}x")
+    # (worker, JSON key prefix, ratio key, label)
+    for name, key, ratio_key, label in (
+        ("transformers", "peer", "ratio", "transformers generate"),
+        ("llama.cpp", "llamacpp", "ratio_vs_llamacpp", "llama.cpp on zoo's f32 GGUF")):
+      if name in rates:
+        ratios = [z / p for z, p in zip(rates["zoo"], rates[name])]
+        row.update({f"{key}_tokens_per_sec": round(median(rates[name]), 1),
+                    f"{key}_rounds": [round(r, 1) for r in rates[name]],
+                    ratio_key: round(median(ratios), 3)})
+        line += (f", {label} {row[key + '_tokens_per_sec']:6.1f} tokens/s: "
+                 f"zoo/{name} {row[ratio_key]:.2f}x")
     print(line)
     if row["background_cpu"] > 0.15:
       print(f"  WARNING: other processes used {row['background_cpu']:.0%} of the CPUs")

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from zoo.convert.tensors import read_json
 from zoo.errors import ZooError
 from zoo.layers.linear import Embed, Linear
 
@@ -229,17 +230,6 @@ def save_adapter(model, directory: str, spec: LoraSpec, *, base_model: str | Non
   _write_dir(directory, {ADAPTER_META: meta, ADAPTER_WEIGHTS: save(weights)}, force)
 
 
-def _read_json(path: str) -> dict:
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ZooError(f"cannot read {path}: {e}") from None
-  if not isinstance(data, dict):
-    raise ZooError(f"{path} is not a JSON object")
-  return data
-
-
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   from safetensors import SafetensorError
   from safetensors.numpy import load_file
@@ -270,7 +260,7 @@ def read_adapter(directory: str, model) -> tuple[LoraSpec, dict[str, np.ndarray]
     raise ZooError(f"adapter directory not found: {directory}")
   zoo_meta = os.path.join(directory, ADAPTER_META)
   if os.path.isfile(zoo_meta):
-    meta = _read_json(zoo_meta)
+    meta = read_json(zoo_meta)
     if meta.get("format") != "zoo-lora":
       raise ZooError(f"{zoo_meta} is not a zoo LoRA adapter")
     spec = _spec_from(meta.get("spec") or {}, zoo_meta, {f.name: f.name for f in
@@ -381,7 +371,7 @@ def adapter_to_peft(src: str, dst: str, *, force: bool = False):
   meta_path = os.path.join(os.path.expanduser(src), ADAPTER_META)
   if not os.path.isfile(meta_path):
     raise ZooError(f"{src} is not a zoo LoRA adapter (no {ADAPTER_META})")
-  meta = _read_json(meta_path)
+  meta = read_json(meta_path)
   spec = _spec_from(meta.get("spec") or {}, meta_path,
                     {f.name: f.name for f in dataclasses.fields(LoraSpec)})
   weights = _read_safetensors(os.path.join(os.path.expanduser(src), ADAPTER_WEIGHTS))
@@ -404,7 +394,7 @@ _PEFT_BASE = re.compile(r"base_model\.model\.(?P<module>.+)\.base_layer\.weight"
 
 def _read_peft(directory: str, model) -> tuple[LoraSpec, dict[str, np.ndarray]]:
   path = os.path.join(directory, PEFT_CONFIG)
-  config = _read_json(path)
+  config = read_json(path)
   if config.get("peft_type", "LORA") != "LORA":
     raise ZooError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
   for key, ok in (("fan_in_fan_out", False), ("bias", "none"), ("use_dora", False)):

@@ -49,16 +49,21 @@ def test_verify_fails_on_mismatched_weights(save_hf, tmp_path, capsys):
   assert "FAILED" in capsys.readouterr().out
 
 
-def edit_config(path, **changes):
-  with open(os.path.join(path, "config.json")) as f:
-    config = json.load(f)
+def edit_json(path, **changes):
+  """Sets fields of the JSON object in `path` (None removes one)."""
+  with open(path) as f:
+    data = json.load(f)
   for key, value in changes.items():
     if value is None:
-      config.pop(key, None)
+      data.pop(key, None)
     else:
-      config[key] = value
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(config, f)
+      data[key] = value
+  with open(path, "w") as f:
+    json.dump(data, f)
+
+
+def edit_config(path, **changes):
+  edit_json(os.path.join(path, "config.json"), **changes)
 
 
 def edit_tensors(path, fn):

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 import zoo
 from tests.conftest import hf_logits, hf_model, tokens
+from tests.convert.test_cli import edit_json
 from tests.convert.test_hf import assert_same_tensors, hf_tensors
 from zoo.cli import main
 from zoo.convert import Checkpoint
@@ -80,16 +81,7 @@ def make_meta(directory, params, world, tmp_path, *extra):
 
 
 def edit_params(directory, **changes):
-  path = os.path.join(directory, "params.json")
-  with open(path) as f:
-    params = json.load(f)
-  for key, value in changes.items():
-    if value is None:
-      params.pop(key, None)
-    else:
-      params[key] = value
-  with open(path, "w") as f:
-    json.dump(params, f)
+  edit_json(os.path.join(directory, "params.json"), **changes)
 
 
 def cli(*args):

@@ -32,6 +32,15 @@ def randomize_adapters(model, std=0.1, seed=0):
       m.lora_b.set_value(jnp.asarray(rng.standard_normal(m.lora_b.shape) * std, jnp.float32))
 
 
+def lm_batch(rows, length, vocab=128):
+  """A train-step batch of random tokens: `rows` unpacked sequences of `length`."""
+  x = np.random.default_rng(0).integers(0, vocab, (rows, length + 1)).astype(np.int32)
+  return {"tokens": x[:, :-1], "targets": x[:, 1:],
+          "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
+          "segment_ids": np.ones((rows, length), np.int32),
+          "weights": np.ones((rows, length), np.float32)}
+
+
 def peft_logits(base_hf_dir, adapter_dir, x):
   import transformers
   base = transformers.AutoModelForCausalLM.from_pretrained(base_hf_dir, dtype=torch.float32)
@@ -137,10 +146,7 @@ def test_lora_step_trains_only_the_adapters(save_hf):
   # optimizer state exists only for the adapters: AdamW's two moments of each
   n_adapter = len(jax.tree.leaves(adapters))
   assert sum(x.ndim == 2 for x in jax.tree.leaves(state["opt_state"])) == 2 * n_adapter
-  x = np.random.default_rng(0).integers(0, 128, (4, 33)).astype(np.int32)
-  batch = {"tokens": x[:, :-1], "targets": x[:, 1:],
-           "positions": np.broadcast_to(np.arange(32, dtype=np.int32), (4, 32)).copy(),
-           "segment_ids": np.ones((4, 32), np.int32), "weights": np.ones((4, 32), np.float32)}
+  batch = lm_batch(4, 32)
   step = jax.jit(make_train_step(graphdef, tx, schedule, frozen=True), donate_argnums=0)
   base_before = jax.tree.map(np.array, base)
   adapters_before = jax.tree.map(np.array, adapters)
@@ -211,10 +217,7 @@ def test_lora_dropout_in_the_train_step(save_hf):
   adapters, base = nnx.to_pure_dict(adapters), nnx.to_pure_dict(base)
   tx, schedule = make_optimizer(dict(name="adamw", lr=1e-2, schedule="constant",
                                      warmup_steps=0), 100)
-  x = np.random.default_rng(0).integers(0, 128, (4, 33)).astype(np.int32)
-  batch = {"tokens": x[:, :-1], "targets": x[:, 1:],
-           "positions": np.broadcast_to(np.arange(32, dtype=np.int32), (4, 32)).copy(),
-           "segment_ids": np.ones((4, 32), np.int32), "weights": np.ones((4, 32), np.float32)}
+  batch = lm_batch(4, 32)
 
   def state(step=0):
     return {"step": jnp.asarray(step, jnp.int32), "params": adapters,
@@ -303,10 +306,7 @@ def test_qlora_step_tracks_the_bf16_base(save_hf):
   stay within 3% (int8: 0.5%) of the same run on a bf16 base, and fall as fast."""
   from zoo.layers.quant import bf16_bytes, is_quantized, nbytes, quantize_tree
   hf_dir = save_hf(hf_model("llama"))
-  x = np.random.default_rng(0).integers(0, 128, (4, 65)).astype(np.int32)
-  batch = {"tokens": x[:, :-1], "targets": x[:, 1:],
-           "positions": np.broadcast_to(np.arange(64, dtype=np.int32), (4, 64)).copy(),
-           "segment_ids": np.ones((4, 64), np.int32), "weights": np.ones((4, 64), np.float32)}
+  batch = lm_batch(4, 64)
   losses, ratio = {}, {}
   for kind in ("bf16", "nf4", "int8"):
     model = zoo.load(hf_dir)
@@ -360,10 +360,7 @@ def test_quantized_base_is_sharded_by_the_rules(save_hf):
 
   tx, schedule = make_optimizer(dict(name="adamw", lr=1e-2, schedule="constant",
                                      warmup_steps=0), 100)
-  x = np.random.default_rng(0).integers(0, 128, (8, 33)).astype(np.int32)
-  batch = {"tokens": x[:, :-1], "targets": x[:, 1:],
-           "positions": np.broadcast_to(np.arange(32, dtype=np.int32), (8, 32)).copy(),
-           "segment_ids": np.ones((8, 32), np.int32), "weights": np.ones((8, 32), np.float32)}
+  batch = lm_batch(8, 32)
   losses = []
   for base_tree in (base, placed):
     state = {"step": jnp.zeros((), jnp.int32), "params": adapters,

@@ -187,6 +187,19 @@ def _is_array(x) -> bool:
   return isinstance(x, (np.ndarray, jax.Array))
 
 
+def quantize_leaf(name: str, leaf, kind: str, block_size: int = 64,
+                  predicate: Callable[[str, Any], bool] | None = None):
+  """`leaf` (the parameter at dotted path `name`) as a `QTensor` if `predicate(name, leaf)`
+  (by default `default_predicate`) picks it; anything else, or a QTensor, as it is."""
+  predicate = default_predicate if predicate is None else predicate
+  if is_quantized(leaf) or not _is_array(leaf) or not predicate(name, leaf):
+    return leaf
+  try:
+    return quantize(leaf, kind, block_size)
+  except ZooError as e:
+    raise ZooError(f"{name}: {e}") from None
+
+
 def quantize_tree(params, kind: str, block_size: int = 64,
                   predicate: Callable[[str, Any], bool] | None = None):
   """`params` (nested dicts of arrays, keys str or int) with the selected leaves as `QTensor`s.
@@ -194,20 +207,9 @@ def quantize_tree(params, kind: str, block_size: int = 64,
   `predicate(path, array)` picks the leaves, `path` being the dotted keys ("layers.0.mlp.up.
   kernel"); by default `default_predicate`. Other leaves, and existing QTensors, are kept as is.
   """
-  predicate = default_predicate if predicate is None else predicate
-
-  def convert(path, leaf):
-    if is_quantized(leaf) or not _is_array(leaf):
-      return leaf
-    name = _path_name(path)
-    if not predicate(name, leaf):
-      return leaf
-    try:
-      return quantize(leaf, kind, block_size)
-    except ZooError as e:
-      raise ZooError(f"{name}: {e}") from None
-
-  return jax.tree_util.tree_map_with_path(convert, params, is_leaf=is_quantized)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: quantize_leaf(_path_name(path), leaf, kind, block_size, predicate),
+      params, is_leaf=is_quantized)
 
 
 def dequantize_tree(params, dtype=jnp.float32):

@@ -179,7 +179,7 @@ def lora_split(model_config: LlamaConfig, spec, init_from: str, mesh, rules, *,
   random; it is then read from `init_from` tensor by tensor, quantized as it arrives when
   `quantize` is int8 or nf4, and placed by the rules."""
   from zoo import lora
-  from zoo.layers.quant import default_predicate, quantize as quantize_array
+  from zoo.layers.quant import quantize_leaf
   model = abstract_model(model_config, **model_kwargs)
   lora.add_lora(model, spec, seed=seed)
   graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, nnx.Param)
@@ -188,12 +188,7 @@ def lora_split(model_config: LlamaConfig, spec, init_from: str, mesh, rules, *,
   convert = None
   if quantize != "none":
     def convert(name, array):
-      if not default_predicate(name, array):
-        return array
-      try:
-        return quantize_array(array, quantize, block_size)
-      except ZooError as e:
-        raise ZooError(f"{name}: {e}") from None
+      return quantize_leaf(name, array, quantize, block_size)
   base, base_shardings = load_tree(init_from, nnx.to_pure_dict(base), base_shardings, convert)
   return graphdef, nnx.to_pure_dict(adapters), adapter_shardings, base, base_shardings
 
