@@ -283,11 +283,11 @@ TRAIN_MODEL = dict(hidden_size=256, intermediate_size=704, num_layers=4, num_hea
 TRAIN_OPTIMIZER = dict(name="adamw", lr=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
                        schedule="constant", warmup_steps=0, grad_clip=0.0,
                        decay_norms_and_biases=True)
-# XLA:CPU compile options for zoo's step: every dot through Eigen (multi-threaded) instead of
-# YNNPACK, which jaxlib 0.10 uses by default and runs single-threaded; +7% tokens/s at vocab 2000
-# on the 2-core machine (compare with --xla-defaults). Both are float32 matmuls; results differ
-# only in float32 rounding. Set per compilation (jit's compiler_options), so that an option a
-# jaxlib does not know is an error to catch, not an abort as in XLA_FLAGS.
+# XLA:CPU compile options to try on zoo's step with --ynn-off: every dot through Eigen instead
+# of YNNPACK, which jaxlib 0.10 uses by default. Once measured at +7% tokens/s; on 2026-12-03
+# the defaults (what `zoo train` compiles with, and what the bench times by default) were 5%
+# faster. Set per compilation (jit's compiler_options), so that an option a jaxlib does not
+# know is an error to catch, not an abort as in XLA_FLAGS.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 _TAG = "@bench "  # marks the worker's answers on its stdout
@@ -530,9 +530,10 @@ def add_train_args(p: argparse.ArgumentParser):
                  help="zoo's compute dtype (default float32; transformers stays float32)")
   p.add_argument("--devices", type=int, default=1,
                  help="run zoo data-parallel over this many host CPU devices (default 1)")
-  p.add_argument("--xla-defaults", action="store_true",
-                 help="compile zoo with XLA:CPU's default options, not the bench's "
-                      f"{CPU_COMPILER_OPTIONS}")
+  p.add_argument("--ynn-off", action="store_true",
+                 help="compile zoo with {CPU_COMPILER_OPTIONS} instead of XLA:CPU's defaults "
+                      "(which `zoo train` uses)".replace("{CPU_COMPILER_OPTIONS}",
+                                                         str(CPU_COMPILER_OPTIONS)))
   p.add_argument("--xla-flags", default="", help="XLA_FLAGS for zoo's process (default none)")
   p.add_argument("--no-peer", action="store_true", help="time zoo alone")
 
@@ -557,7 +558,7 @@ def bench_train(args, workdir: str) -> dict:
   # zoo's process sees only these XLA flags (not the caller's, which may fake 8 devices), and
   # only the CPU: transformers runs there.
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags.strip())
-  options = {} if args.xla_defaults else CPU_COMPILER_OPTIONS
+  options = CPU_COMPILER_OPTIONS if args.ynn_off else {}
   tokens = args.batch * args.seq_len
 
   def measure_peak() -> dict:
