@@ -900,7 +900,7 @@ tx, schedule = make_optimizer(dict(name="adamw", lr=1e-4, schedule="constant", w
 ratio = None
 # the loading paths of `zoo train`: tensor by tensor from the checkpoint, nothing drawn at random
 if kind == "full":
-  graphdef, abstract = nnx.split(abstract_model(config), nnx.Param)
+  graphdef, abstract = nnx.split(abstract_model(config, remat=spec["remat"]), nnx.Param)
   shardings = sharding.variable_shardings(abstract, mesh, sharding.DEFAULT_RULES)
   params, _ = load_tree(spec["checkpoint"], nnx.to_pure_dict(abstract), shardings)
   base = None
@@ -908,7 +908,7 @@ else:
   graphdef, params, _, base, _ = lora_split(
       config, lora.LoraSpec(rank=spec["rank"], alpha=2 * spec["rank"], targets=("all-linear",)),
       spec["checkpoint"], mesh, sharding.DEFAULT_RULES,
-      quantize="nf4" if kind == "qlora" else "none")
+      quantize="nf4" if kind == "qlora" else "none", remat=spec["remat"])
   if kind == "qlora":
     q = [x for x in jax.tree.leaves(base, is_leaf=is_quantized) if is_quantized(x)]
     ratio = sum(map(nbytes, q)) / sum(map(bf16_bytes, q))
@@ -941,7 +941,9 @@ def add_lora_args(p: argparse.ArgumentParser):
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--seq-len", type=int, default=128)
   p.add_argument("--model", choices=sorted(LORA_MODELS), default="medium",
-                 help="small: 91M parameters, medium: 335M (default)")
+                 help="small: 91M parameters, medium: 322M (default)")
+  p.add_argument("--remat", default="none", help="remat policy of all three steps "
+                 "(none, full, dots, dots_no_batch; default none)")
 
 
 # 91M and 335M float32 LLaMAs; at the small size the JAX runtime and XLA's compile memory
@@ -967,7 +969,7 @@ def bench_lora(args, workdir: str) -> dict:
   print(f"model: {args.model}, {params / 1e6:.0f}M parameters, float32; batch {args.batch} x "
         f"{args.seq_len} tokens; LoRA rank {args.rank} on every linear layer")
   spec = {"checkpoint": checkpoint, "rank": args.rank, "batch": args.batch,
-          "seq_len": args.seq_len, "steps": args.steps}
+          "seq_len": args.seq_len, "steps": args.steps, "remat": args.remat}
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   runs = {}
   for kind in ("lora", "qlora", "full"):
@@ -987,7 +989,7 @@ def bench_lora(args, workdir: str) -> dict:
           "qlora_tokens_per_sec": runs["qlora"]["tokens_per_sec"],
           "full_tokens_per_sec": runs["full"]["tokens_per_sec"],
           "qlora_base_bytes_ratio": runs["qlora"]["base_bytes_ratio"], "model": args.model,
-          "params": params}
+          "params": params, "remat": args.remat, "batch": args.batch, "seq_len": args.seq_len}
 
 
 # ---------------------------------------------------------------------------------------------
