@@ -317,6 +317,14 @@ def train_main(argv: list[str]) -> int:
                                   lock_config=True, sys_argv=["zoo train", *argv])
   flags.DEFINE_string("workdir", None, "run directory (default runs/CONFIG_NAME)",
                       flag_values=fv)
+  flags.DEFINE_string("coordinator", None, "multi-process: process 0's HOST:PORT",
+                      flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "multi-process: how many processes",
+                       flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "multi-process: this process's index",
+                       flag_values=fv)
+  flags.DEFINE_integer("cpu_devices", None, "JAX devices on a CPU host (default 1)",
+                       flag_values=fv)
   try:
     fv(["zoo train", *argv])
   except (flags.Error, ZooError) as e:
@@ -326,6 +334,8 @@ def train_main(argv: list[str]) -> int:
   config = fv.config
   name = os.path.splitext(os.path.basename(fv["config"].config_filename))[0]
   workdir = fv.workdir or os.path.join("runs", name)
+  from zoo import distributed
+  distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id, fv.cpu_devices)
   from zoo.train.loop import train
   summary = train(config, workdir)
   if "stopped_by" in summary:

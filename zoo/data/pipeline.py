@@ -75,6 +75,16 @@ class _Pieces(grain.experimental.FlatMapTransform):
     return pieces
 
 
+class _Rows(grain.transforms.Map):
+  """Rows [start, stop) of a batch (data.shard = rows)."""
+
+  def __init__(self, start: int, stop: int):
+    self.start, self.stop = start, stop
+
+  def map(self, batch):
+    return {k: v[self.start:self.stop] for k, v in batch.items()}
+
+
 def _row(packed):
   # The packer gives every packed feature its own segment ids and positions; the tokens' do.
   return {"tokens": packed["tokens"], "targets": packed["targets"],
@@ -85,8 +95,8 @@ def _row(packed):
 def make_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
                  shuffle: bool = True, repeat: bool = True, process_index: int = 0,
                  process_count: int = 1, add_bos: bool = True, add_eos: bool = True,
-                 pack: bool = True, num_workers: int = 0, formatter=None
-                 ) -> grain.DatasetIterator:
+                 pack: bool = True, num_workers: int = 0, formatter=None,
+                 shard: str = "documents") -> grain.DatasetIterator:
   """An iterator of batches (see `zoo.data`) of `batch_size` rows for this process.
 
   Process i reads documents i, i + process_count, ... of `source` (records with a "text"
@@ -95,7 +105,15 @@ def make_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
   rows (weights 0). `formatter` (instruction data: `zoo.data.instruct.InstructFormatter`) turns a
   record's text into ids and a loss mask, and adds BOS/EOS itself. `num_workers > 0` runs the pipeline in that many worker processes, which
   changes the order of batches and the shape of the state: resume with the same num_workers.
+  `shard="rows"`: every process reads every document and keeps rows [i * batch_size,
+  (i + 1) * batch_size) of each global batch of process_count * batch_size rows.
   """
+  if shard not in ("documents", "rows"):
+    raise ZooError(f"data.shard must be documents or rows, got {shard!r}")
+  rows_of = None
+  if shard == "rows":  # the global pipeline, then this process's block of rows
+    rows_of = (process_index * batch_size, (process_index + 1) * batch_size)
+    batch_size, process_index, process_count = batch_size * process_count, 0, 1
   for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
                       ("process_count", process_count)):
     if not isinstance(value, (int, np.integer)) or value < 1:
@@ -131,6 +149,8 @@ def make_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
   it = it.batch(int(batch_size),
                 batch_fn=functools.partial(grain.experimental.batch_and_pad,
                                            batch_size=int(batch_size)))
+  if rows_of is not None:
+    it = it.map(_Rows(*rows_of))
   if num_workers:
     _absl_flags_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers)))
@@ -178,7 +198,7 @@ def data_pipeline(data_cfg: Any, tokenizer: Tokenizer, split: str, *, data_dir: 
     process_index=process_index, process_count=process_count,
     add_bos=field(data_cfg, "add_bos", True), add_eos=field(data_cfg, "add_eos", True),
     pack=field(data_cfg, "pack", True), num_workers=field(data_cfg, "num_workers", 0),
-    formatter=formatter)
+    formatter=formatter, shard=field(data_cfg, "shard", "documents"))
 
 
 def tokenizer_for(data_cfg: Any, data_dir: str) -> Tokenizer:

@@ -9,6 +9,8 @@ the previous one is used.
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import shutil
 import sys
@@ -42,18 +44,23 @@ class Checkpointer:
                               meta=ocp.args.JsonSave(meta))
     return self.manager.save(step, args=args, force=force)
 
-  def restore_latest(self, abstract_state: Any, data_iter) -> tuple[int, Any, dict] | None:
+  def restore_latest(self, abstract_state: Any, data_iter, shared_data: bool = False
+                     ) -> tuple[int, Any, dict] | None:
     """(step, state, meta) from the newest checkpoint that restores, or None if there is none.
 
     `abstract_state` holds jax.ShapeDtypeStructs with the target shardings; `data_iter` has its
-    position set in place.
+    position set in place. The state restores onto any mesh and process count. The data
+    position is per process; `shared_data` says every process's is the same (data.shard =
+    rows), so a checkpoint written by another number of processes carries it over too.
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
       args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                data=grain.checkpoint.CheckpointRestore(data_iter),
                                 meta=ocp.args.JsonRestore())
       try:
         restored = self.manager.restore(step, args=args)
+        self._restore_data(step, data_iter, shared_data)
+      except ZooError:
+        raise
       except Exception as e:  # orbax and tensorstore raise many types for damaged files
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         if any(words in reason for words in _MISMATCH):
@@ -66,6 +73,24 @@ class Checkpointer:
         continue
       return step, restored.state, dict(restored.meta)
     return None
+
+  def _restore_data(self, step: int, data_iter, shared: bool):
+    directory = os.path.join(self.directory, str(step), "data")
+    index, count = jax.process_index(), jax.process_count()
+    own = os.path.join(directory, f"process_{index}-of-{count}.json")
+    saved = sorted(glob.glob(os.path.join(directory, "process_*-of-*.json")))
+    if not saved:
+      raise ValueError(f"no data iterator state in {directory}")
+    path = own if os.path.exists(own) else None
+    if path is None and shared:
+      path = saved[0]
+    if path is None:
+      written_by = os.path.basename(saved[0]).rsplit("-of-", 1)[1].split(".")[0]
+      raise ZooError(f"the checkpoint at step {step} was written by {written_by} processes; "
+                     f"with data.shard=documents its data position does not carry over to "
+                     f"{count} (set data.shard=rows for runs that change their process count)")
+    with open(path) as f:
+      data_iter.set_state(json.loads(f.read()))
 
   def _set_aside(self, step: int):
     """Moves a damaged checkpoint out of the way (kept for inspection), so its step can be

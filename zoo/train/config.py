@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
       add_bos=True,
       add_eos=True,
       num_workers=0,
+      # How processes share the data: "documents" (process i reads documents i, i + n, ...) or
+      # "rows" (every process runs the whole pipeline and keeps its rows of each global batch:
+      # the batches, and the data position in checkpoints, do not depend on the process count).
+      shard="documents",
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       name="adamw", lr=3e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,

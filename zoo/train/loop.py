@@ -75,6 +75,21 @@ def _tokenizer(config, data_dir: str):
   return tokenizer_for(config.data, data_dir)
 
 
+def _first_process_first(fn):
+  """fn() on process 0, then on the others once it is done: what process 0 builds into a
+  shared directory (datasets, a trained tokenizer) the others then only read."""
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils
+  if jax.process_index() == 0:
+    try:
+      return fn()
+    finally:  # on an error too, so that the others do not wait forever (they meet it as well)
+      multihost_utils.sync_global_devices("zoo: process 0 prepared the data")
+  multihost_utils.sync_global_devices("zoo: process 0 prepared the data")
+  return fn()
+
+
 def prepare(config, workdir: str) -> Run:
   """Checks the config, data, tokenizer and mesh; raises ZooError naming the first problem."""
   if config.train.steps <= 0:
@@ -98,7 +113,15 @@ def prepare(config, workdir: str) -> Run:
                    f"microbatches on each of {ways} batch shards")
   data_dir = config.data.data_dir or os.path.join(workdir, "data")
   os.makedirs(data_dir, exist_ok=True)
-  tokenizer = _tokenizer(config, data_dir)
+
+  def build_data():  # the datasets and the tokenizer, built once and cached in data_dir
+    tokenizer = _tokenizer(config, data_dir)
+    for split in ("train", "validation") if config.train.eval_every else ("train",):
+      data_pipeline(config.data, tokenizer, split, data_dir=data_dir,  # raises if it is empty
+                    template_dir=template_dir_for(config.data, config.init_from))
+    return tokenizer
+
+  tokenizer = _first_process_first(build_data)
   if config.init_from:
     model_config = Checkpoint(config.init_from).config
   else:
@@ -115,9 +138,6 @@ def prepare(config, workdir: str) -> Run:
   if config.data.seq_len > model_config.max_position_embeddings:
     raise ZooError(f"data.seq_len {config.data.seq_len} is longer than the model allows "
                    f"({model_config.max_position_embeddings})")
-  for split in ("train", "validation") if config.train.eval_every else ("train",):
-    data_pipeline(config.data, tokenizer, split, data_dir=data_dir,  # raises if it is empty
-                  template_dir=template_dir_for(config.data, config.init_from))
   return Run(config, workdir, model_config, tokenizer, mesh, rules, data_dir)
 
 
@@ -306,7 +326,7 @@ def _export_model(run: Run, params, path: str):
   """The trained model as a zoo checkpoint (with its tokenizer), for zoo.load and zoo convert."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    params = multihost_utils.process_allgather(params)
+    params = multihost_utils.process_allgather(params, tiled=True)
   if jax.process_index() != 0:
     return
   flat = {_dotted(path): np.asarray(leaf)
@@ -327,7 +347,7 @@ def _export_adapter(run: Run, frozen: _Lora, adapters, workdir: str) -> dict:
   from zoo import lora
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
-    adapters = multihost_utils.process_allgather(adapters)
+    adapters = multihost_utils.process_allgather(adapters, tiled=True)
   if jax.process_index() != 0:
     return {}
   model = nnx.merge(frozen.graphdef, jax.device_get(adapters), jax.device_get(frozen.base))
@@ -371,7 +391,8 @@ def train(config, workdir: str) -> dict:
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), every=tcfg.checkpoint_every,
                               keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoints)
   metrics = MetricsWriter(workdir, enabled=primary)
-  restored = checkpointer.restore_latest(abstract_with_shardings, train_iter)
+  restored = checkpointer.restore_latest(abstract_with_shardings, train_iter,
+                                         shared_data=config.data.shard == "rows")
   if restored is not None:
     start, state, _ = restored
     metrics.truncate_after(start)
