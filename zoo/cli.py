@@ -427,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--adapter", help="a LoRA adapter directory (zoo's or HF peft's) to apply")
   e.set_defaults(func=cmd_eval)
 
+  from zoo import launch
+  launch.add_parser(sub)
+
   sub.add_parser("presets", help="list the model presets").set_defaults(func=cmd_presets)
 
   d = sub.add_parser("demo", help="random model -> HF -> zoo -> forward pass, checked")

@@ -84,11 +84,14 @@ class Checkpointer:
     path = own if os.path.exists(own) else None
     if path is None and shared:
       path = saved[0]
-    if path is None:
+    if path is None:  # the model and optimizer restore; the data starts over
       written_by = os.path.basename(saved[0]).rsplit("-of-", 1)[1].split(".")[0]
-      raise ZooError(f"the checkpoint at step {step} was written by {written_by} processes; "
-                     f"with data.shard=documents its data position does not carry over to "
-                     f"{count} (set data.shard=rows for runs that change their process count)")
+      if index == 0:
+        print(f"zoo: warning: the checkpoint at step {step} was written by {written_by} "
+              f"processes; with data.shard=documents its data position does not carry over to "
+              f"{count}, so the data starts from its beginning (data.shard=rows carries it "
+              "over)", file=sys.stderr)
+      return
     with open(path) as f:
       data_iter.set_state(json.loads(f.read()))
 

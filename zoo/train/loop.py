@@ -10,6 +10,7 @@ checkpoint of the model, a loss plot, and prints a sample.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import shutil
@@ -279,6 +280,30 @@ def _to_global(batch: dict, batch_sharding) -> dict:
           for k, v in batch.items()}
 
 
+class Heartbeat:
+  """With ZOO_HEARTBEAT_DIR set (by `zoo launch`), each process rewrites
+  DIR/process_I.json with its step and the time after every step, for the launcher's watchdog."""
+
+  def __init__(self, path: str | None):
+    self.path = path
+
+  @classmethod
+  def from_env(cls) -> "Heartbeat":
+    directory = os.environ.get("ZOO_HEARTBEAT_DIR")
+    if not directory:
+      return cls(None)
+    os.makedirs(directory, exist_ok=True)
+    return cls(os.path.join(directory, f"process_{jax.process_index()}.json"))
+
+  def beat(self, step: int):
+    if self.path is None:
+      return
+    tmp = f"{self.path}.tmp"
+    with open(tmp, "w") as f:
+      json.dump({"step": int(step), "time": time.time(), "pid": os.getpid()}, f)
+    os.replace(tmp, self.path)
+
+
 class _StopFlag:
   """Set by SIGTERM/SIGINT; the loop saves a checkpoint at the current step and exits."""
 
@@ -436,11 +461,13 @@ def train(config, workdir: str) -> dict:
                dynamic_ncols=True)
     window_start, window_tokens = time.perf_counter(), 0.0
     step, saved = start, True
+    heartbeat = Heartbeat.from_env()  # first beat after the first step (which compiles)
     while step < tcfg.steps:
       batch = _to_global(next(train_iter), batch_sharding)
       state, out = train_step(state, batch, *frozen_args)
       step += 1
       loss = float(out["loss"])
+      heartbeat.beat(step)
       if not math.isfinite(loss):
         bar.close()
         checkpointer.wait()

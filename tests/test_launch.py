@@ -1,0 +1,153 @@
+"""`zoo launch`: the local backend (N processes through the same job and watchdog code as a TPU
+VM), its watchdog and restarts, and the gcloud commands of the TPU backend (--dry-run)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.train.test_train import corpus, flags, losses  # noqa: F401
+from zoo.cli import REPO_ROOT
+
+STEPS = 40
+
+
+def launch(*args, wait=True, env=None):
+  cmd = [sys.executable, "-m", "zoo.cli", "launch", *map(str, args)]
+  proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env=dict(os.environ, XLA_FLAGS="", **(env or {})))
+  if wait:
+    out, err = proc.communicate(timeout=900)
+    return proc.returncode, out, err
+  return proc
+
+
+def local_run(workdir, corpus, *launcher_args, wait=True):  # noqa: F811
+  return launch("run", "--backend", "local", "--processes", 2, "--cpu-devices", 2,
+                "--poll", 0.2, *launcher_args, "configs/default.py", "--workdir", workdir,
+                *flags(corpus, **{"train.steps": STEPS, "train.checkpoint_every": 5,
+                                  "train.keep_checkpoints": 20}), wait=wait)
+
+
+def heartbeat(workdir, i):
+  try:
+    with open(os.path.join(workdir, "heartbeat", f"process_{i}.json")) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def wait_for(workdir, step, proc, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    beats = [heartbeat(workdir, i) for i in range(2)]
+    if all(b and b["step"] >= step for b in beats):
+      return beats
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.05)
+  raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def alive(pid) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  return True
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):  # noqa: F811
+  workdir = tmp_path_factory.mktemp("launch")
+  code, out, err = local_run(workdir, corpus)
+  assert code == 0, err
+  return workdir, losses(workdir)
+
+
+def test_local_launch_trains_and_checkpoints(reference):
+  workdir, ref = reference
+  assert sorted(ref) == list(range(1, STEPS + 1))
+  steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+  assert steps[-1] == STEPS
+  for i in range(2):  # each process logged, and beat until the last step
+    assert os.path.getsize(workdir / "logs" / f"worker_{i}.log") > 0
+    assert heartbeat(workdir, i)["step"] == STEPS
+
+
+def test_a_dead_worker_stops_the_job(corpus, tmp_path):  # noqa: F811
+  proc = local_run(tmp_path, corpus, "--grace", 3, wait=False)
+  beats = wait_for(tmp_path, 3, proc)
+  os.kill(beats[1]["pid"], signal.SIGKILL)
+  start = time.time()
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode != 0 and time.time() - start < 60
+  assert "process 1 exited" in err and "giving up" in err
+  assert not alive(beats[0]["pid"])  # the survivor was stopped, not left waiting
+
+
+def test_a_stalled_worker_stops_the_job(corpus, tmp_path):  # noqa: F811
+  proc = local_run(tmp_path, corpus, "--heartbeat-timeout", 5, "--grace", 2, wait=False)
+  beats = wait_for(tmp_path, 3, proc)
+  os.kill(beats[1]["pid"], signal.SIGSTOP)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 124, err
+  assert "made no progress" in err
+  assert not alive(beats[0]["pid"]) and not alive(beats[1]["pid"])
+
+
+def test_restart_resumes_to_the_same_losses(reference, corpus, tmp_path):  # noqa: F811
+  _, ref = reference
+  proc = local_run(tmp_path, corpus, "--restart", 1, wait=False)
+  beats = wait_for(tmp_path, 12, proc)
+  os.kill(beats[0]["pid"], signal.SIGKILL)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err
+  assert "restarting from the latest checkpoint" in err
+  assert "resuming from the checkpoint" in open(tmp_path / "logs" / "worker_0.log").read()
+  assert losses(tmp_path) == ref  # every step, bit for bit
+
+
+def test_tpu_commands_dry_run(tmp_path):
+  code, out, err = launch("create", "--name", "zoo-test", "--zone", "us-central2-b",
+                          "--tpu-type", "v5litepod-16", "--spot", "--dry-run")
+  assert code == 0, err
+  assert out.strip() == ("gcloud compute tpus tpu-vm create zoo-test "
+                         "--accelerator-type=v5litepod-16 --version=tpu-ubuntu2204-base "
+                         "--zone=us-central2-b --spot")
+  code, out, err = launch("create", "--name", "q", "--zone", "z", "--tpu-type", "v4-32",
+                          "--queued", "--dry-run")
+  assert "queued-resources create q --node-id=q --accelerator-type=v4-32" in out
+  code, out, err = launch("run", "--name", "zoo-test", "--zone", "us-central2-b", "--dry-run",
+                          "configs/default.py", "--workdir", "gs://bucket/run",
+                          "--config.train.steps=100")
+  assert code == 0, err
+  lines = out.strip().splitlines()
+  assert any("tpu-vm scp --recurse" in line and line.endswith("--zone=us-central2-b")
+             for line in lines)
+  start = [line for line in lines if "nohup zoo train" in line]
+  assert len(start) == 1 and "--worker=all" in start[0]
+  assert "--config configs/default.py --workdir gs://bucket/run --config.train.steps=100" \
+      in start[0]
+  assert any("describe zoo-test" in line for line in lines)
+  for action in ("setup", "logs", "status", "stop", "delete", "ssh"):
+    code, out, err = launch(action, "--name", "n", "--zone", "z", "--dry-run")
+    assert code == 0 and out.startswith("gcloud compute tpus"), (action, err)
+
+
+@pytest.mark.parametrize("args,words", [
+  (["create", "--name", "n", "--zone", "z", "--tpu-type", "v9-8"], "unknown TPU type 'v9-8'"),
+  (["run", "--backend", "local", "configs/nope.py", "--workdir", "/tmp/x"],
+   "config file configs/nope.py does not exist"),
+  (["run", "--backend", "local", "configs/default.py"], "needs --workdir"),
+  (["status", "--name", "n"], "needs --name and --zone"),
+  (["status", "--name", "n", "--zone", "z"], "gcloud is not installed"),
+])
+def test_bad_launch_input_is_one_line(args, words, tmp_path):
+  # no gcloud on PATH: its absence is one of the errors
+  code, out, err = launch(*args, env={"PATH": str(tmp_path)})
+  assert code == 2
+  assert words in err and len(err.strip().splitlines()) == 1, err
