@@ -151,3 +151,49 @@ def test_bad_launch_input_is_one_line(args, words, tmp_path):
   code, out, err = launch(*args, env={"PATH": str(tmp_path)})
   assert code == 2
   assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.fixture
+def fake_gcloud(tmp_path):
+  """`gcloud` on PATH is tests/fake_gcloud.py: a one-worker TPU VM that is this machine."""
+  bin_dir, home = tmp_path / "bin", tmp_path / "tpu-home"
+  bin_dir.mkdir()
+  home.mkdir()
+  script = bin_dir / "gcloud"
+  script.write_text(f"#!/bin/sh\nexec {sys.executable} {REPO_ROOT}/tests/fake_gcloud.py "
+                    '"$@"\n')
+  script.chmod(0o755)
+  return home, {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_TPU_HOME": str(home)}
+
+
+def test_tpu_run_recreates_a_preempted_spot_vm_and_resumes(corpus, fake_gcloud,  # noqa: F811
+                                                           tmp_path):
+  home, env = fake_gcloud
+  code, out, err = launch("create", "--name", "t", "--zone", "z", "--tpu-type", "v4-8",
+                          "--spot", env=env)
+  assert code == 0, err
+  workdir = tmp_path / "run"
+  proc = launch("run", "--name", "t", "--zone", "z", "--poll", 0.3, "--restart", 1,
+                "--recreate-type", "v4-8", "configs/default.py", "--workdir", workdir,
+                *flags(corpus, **{"train.steps": STEPS, "train.checkpoint_every": 5}),
+                wait=False, env=env)
+  beat_path = home / "zoo-heartbeat" / "process_0.json"
+  deadline = time.time() + 300
+  while time.time() < deadline:
+    beat = json.loads(beat_path.read_text()) if beat_path.exists() else None
+    if beat and beat["step"] >= 6:
+      break
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.05)
+  # the spot VM goes away, and its worker with it
+  (home / "state").write_text("PREEMPTED")
+  os.kill(beat["pid"], signal.SIGKILL)
+  out, err = proc.communicate(timeout=600)
+  assert proc.returncode == 0, err
+  assert "creating it again" in err
+  calls = (home / "calls.log").read_text().splitlines()
+  assert sum(c.startswith("compute tpus tpu-vm create t ") for c in calls) == 2
+  assert any(c.startswith("compute tpus tpu-vm delete t ") for c in calls)
+  log = (home / "zoo-train.log").read_text()
+  assert "resuming from the checkpoint" in log
+  assert sorted(losses(workdir)) == list(range(1, STEPS + 1))

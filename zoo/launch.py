@@ -133,13 +133,18 @@ class TPU:
                                   f"{self.name}:{REMOTE_DIR}/", "--worker=all"))
 
   def start(self, config: str, train_args: Sequence[str], heartbeat_dir: str):
+    """Starts the job on every worker in the background; each worker keeps its process id in
+    ~/zoo-train.pid (for `stop` and the watchdog) and its output in ~/zoo-train.log."""
     command = shlex.join(train_command(config, train_args))
     self.shell.run(self.ssh(
-        f"cd {REMOTE_DIR} && (ZOO_HEARTBEAT_DIR={heartbeat_dir} nohup {command} "
-        f"> ~/zoo-train.log 2>&1 &)"))
+        f"cd {REMOTE_DIR} && rm -rf {heartbeat_dir} && (ZOO_HEARTBEAT_DIR={heartbeat_dir} "
+        f"nohup {command} > ~/zoo-train.log 2>&1 & echo $! > ~/zoo-train.pid)"))
 
-  def stop(self):
-    self.shell.run(self.ssh("pkill -TERM -f 'zoo train' || true"), check=False)
+  def stop(self, grace: float = 10.0):
+    """SIGTERM to the job on every worker, SIGKILL after `grace` seconds."""
+    pid = "$(cat ~/zoo-train.pid 2>/dev/null)"
+    self.shell.run(self.ssh(f"kill -TERM {pid} 2>/dev/null; sleep {grace:g}; "
+                            f"kill -KILL {pid} 2>/dev/null; true"), check=False)
 
   def state(self) -> str:
     result = self.shell.run(self._gcloud("tpu-vm", "describe", self.name,
@@ -286,7 +291,7 @@ def watch(job: LocalJob, *, restart: int, heartbeat_timeout: float, grace: float
 
 def watch_tpu(tpu: TPU, config: str, train_args: Sequence[str], heartbeat_dir: str, *,
               restart: int, heartbeat_timeout: float, poll: float, recreate: dict | None,
-              startup_timeout: float = 1800.0) -> int:
+              startup_timeout: float = 1800.0, grace: float = 10.0) -> int:
   """The watchdog for a TPU VM job: the VM's state (a preempted spot VM is created again from
   `recreate`) and every worker's heartbeat, read over ssh."""
   attempt = 0
@@ -307,20 +312,24 @@ def watch_tpu(tpu: TPU, config: str, train_args: Sequence[str], heartbeat_dir: s
       failure = "preempted"
     else:
       result = tpu.shell.run(tpu.ssh(f"cat {heartbeat_dir}/process_*.json 2>/dev/null; "
-                                     "pgrep -f 'zoo train' >/dev/null && echo RUNNING"),
-                             capture=True, check=False)
+                                     "kill -0 $(cat ~/zoo-train.pid) 2>/dev/null && "
+                                     "echo RUNNING"), capture=True, check=False)
       text = result.stdout if result else ""
-      beats = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+      beats = [json.loads(m) for m in re.findall(r"\{[^{}]*\}", text)]
       running = "RUNNING" in text
-      if not running and beats:
-        print("zoo launch: the job has ended; see `zoo launch logs`")
+      if beats and all(b.get("done") for b in beats):
+        print("zoo launch: the job has finished; see `zoo launch logs`")
         return 0
       last = min((b["time"] for b in beats), default=started)
       limit = heartbeat_timeout if beats else startup_timeout
-      failure = None if time.time() - last <= limit else "no progress"
+      failure = None
+      if not running:
+        failure = "the job ended before finishing"
+      elif time.time() - last > limit:
+        failure = "no progress"
     if failure is None:
       continue
-    tpu.stop()
+    tpu.stop(grace)
     if attempt >= restart:
       print(f"zoo launch: {failure}; giving up", file=sys.stderr)
       return 1
@@ -429,7 +438,8 @@ def main(args) -> int:
     heartbeat = "~/zoo-heartbeat"
     return watch_tpu(tpu, config, args.train_args, heartbeat, restart=args.restart,
                      heartbeat_timeout=args.heartbeat_timeout, poll=args.poll,
-                     recreate=recreate, startup_timeout=args.startup_timeout)
+                     recreate=recreate, startup_timeout=args.startup_timeout,
+                     grace=args.grace)
   elif args.action == "logs":
     tpu.logs(args.lines)
   elif args.action == "status":

@@ -295,12 +295,13 @@ class Heartbeat:
     os.makedirs(directory, exist_ok=True)
     return cls(os.path.join(directory, f"process_{jax.process_index()}.json"))
 
-  def beat(self, step: int):
+  def beat(self, step: int, done: bool = False):
+    """`done`: the run has finished and written its outputs."""
     if self.path is None:
       return
     tmp = f"{self.path}.tmp"
     with open(tmp, "w") as f:
-      json.dump({"step": int(step), "time": time.time(), "pid": os.getpid()}, f)
+      json.dump({"step": int(step), "time": time.time(), "pid": os.getpid(), "done": done}, f)
     os.replace(tmp, self.path)
 
 
@@ -524,4 +525,5 @@ def train(config, workdir: str) -> dict:
       summary.update(checkpoints=os.path.join(workdir, "checkpoints"),
                      tensorboard=os.path.join(workdir, "tensorboard"), plot=plot,
                      metrics=os.path.join(workdir, "metrics.jsonl"))
+  heartbeat.beat(step, done=True)
   return summary
