@@ -2,7 +2,8 @@
 """A stand-in for `gcloud compute tpus` in tests of `zoo launch`: one TPU VM with one worker,
 which is this machine with FAKE_TPU_HOME as its home directory.
 
-`tpu-vm ssh --command=C` runs C with bash (except `pip install`, which a test must not run);
+`tpu-vm ssh --command=C` runs C with bash (or, with FAKE_TPU_UNREACHABLE set, fails as ssh
+does when the workers cannot be reached) (except `pip install`, which a test must not run);
 `tpu-vm scp` copies into FAKE_TPU_HOME; `create`, `delete` and `describe` keep the VM's state
 in FAKE_TPU_HOME/state (a test writes PREEMPTED there to preempt it). Every call is appended
 to FAKE_TPU_HOME/calls.log.
@@ -52,6 +53,8 @@ if args[:3] == ["compute", "tpus", "tpu-vm"]:
     else:
       shutil.copy(src, target)
   elif verb == "ssh":
+    if os.environ.get("FAKE_TPU_UNREACHABLE"):
+      sys.exit("ssh: connect to host 10.0.0.2 port 22: Connection timed out")
     command = option("command")
     if command is None or "pip install" in command:
       sys.exit(0)

@@ -197,3 +197,14 @@ def test_tpu_run_recreates_a_preempted_spot_vm_and_resumes(corpus, fake_gcloud, 
   log = (home / "zoo-train.log").read_text()
   assert "resuming from the checkpoint" in log
   assert sorted(losses(workdir)) == list(range(1, STEPS + 1))
+
+
+def test_unreachable_workers_are_one_line(fake_gcloud):
+  home, env = fake_gcloud
+  code, out, err = launch("setup", "--name", "t", "--zone", "z",
+                          env=dict(env, FAKE_TPU_UNREACHABLE="1"))
+  assert code == 2 and "Traceback" not in err
+  # gcloud's own message, then zoo's one line naming the command that failed
+  lines = err.strip().splitlines()
+  assert lines[-1].startswith("zoo: error: `gcloud compute tpus tpu-vm ssh t")
+  assert "failed with exit status 1" in lines[-1]

@@ -378,13 +378,21 @@ def add_parser(sub):
     a.set_defaults(func=main)
 
 
-def _workdir(train_args: Sequence[str]) -> str | None:
-  for i, arg in enumerate(train_args):
-    if arg.startswith("--workdir="):
-      return arg.split("=", 1)[1]
-    if arg == "--workdir" and i + 1 < len(train_args):
-      return train_args[i + 1]
-  return None
+def split_workdir(train_args: Sequence[str]) -> tuple[str, list[str]]:
+  """(the --workdir value, the other train arguments); a ZooError when there is none."""
+  workdir, rest, args = None, [], list(train_args)
+  while args:
+    arg = args.pop(0)
+    if arg == "--workdir" and args:
+      workdir = args.pop(0)
+    elif arg.startswith("--workdir="):
+      workdir = arg.split("=", 1)[1]
+    else:
+      rest.append(arg)
+  if workdir is None:
+    raise ZooError("zoo launch run needs --workdir DIR among the train arguments (a gs:// path "
+                   "or a path every worker can write, for the TPU backend)")
+  return workdir, rest
 
 
 def main(args) -> int:
@@ -393,22 +401,8 @@ def main(args) -> int:
     if args.action != "run":
       raise ZooError(f"the local backend has only `run` (not {args.action})")
     check_config(args.config)
-    workdir = _workdir(args.train_args)
-    if workdir is None:
-      raise ZooError("zoo launch run needs --workdir DIR among the train arguments")
-    train_args = [a for a in args.train_args]
-    # the processes get --workdir from the job, as an absolute path
-    cleaned, skip = [], False
-    for a in train_args:
-      if skip:
-        skip = False
-        continue
-      if a == "--workdir":
-        skip = True
-        continue
-      if not a.startswith("--workdir="):
-        cleaned.append(a)
-    job = LocalJob(args.processes, args.config, cleaned, os.path.abspath(workdir),
+    workdir, train_args = split_workdir(args.train_args)  # the job passes it on, absolute
+    job = LocalJob(args.processes, args.config, train_args, os.path.abspath(workdir),
                    args.cpu_devices, shell)
     return watch(job, restart=args.restart, heartbeat_timeout=args.heartbeat_timeout,
                  grace=args.grace, poll=args.poll, startup_timeout=args.startup_timeout)
@@ -419,9 +413,7 @@ def main(args) -> int:
     tpu.setup()
   elif args.action == "run":
     check_config(args.config)
-    workdir = _workdir(args.train_args)
-    if workdir is None:
-      raise ZooError("zoo launch run needs --workdir (a gs:// path or a worker-local path)")
+    split_workdir(args.train_args)  # it must be there; the workers get it as given
     config_file = os.path.abspath(args.config.split(":", 1)[0])
     if config_file.startswith(REPO_ROOT + os.sep):  # synced with the repository
       tpu.sync()

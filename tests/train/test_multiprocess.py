@@ -4,7 +4,6 @@ one-line errors for a job described by halves."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,14 +11,9 @@ import pytest
 
 from tests.train.test_train import corpus, flags, losses  # noqa: F401
 from zoo.cli import REPO_ROOT
+from zoo.launch import free_port
 
 STEPS = 6
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def run(workdir, corpus, processes, steps=STEPS, **overrides):  # noqa: F811

@@ -153,10 +153,15 @@ class Checkpoint:
     in any order."""
     if self.format == "zoo":
       return self.source.read(zoo_name)
+    if not hasattr(self, "_by_zoo"):  # zoo name -> its entries, built once per checkpoint
+      entries = (self.source.entries.values() if self.format == "meta"
+                 else hf.weight_map(self.config))
+      self._by_zoo: dict[str, list] = {}
+      for e in entries:
+        self._by_zoo.setdefault(e.zoo, []).append(e)
+    pieces = self._by_zoo[zoo_name]
     if self.format == "meta":
-      e = next(e for e in self.source.entries.values() if e.zoo == zoo_name)
-      return meta.to_zoo(e, self.source.read(e.meta))
-    pieces = [e for e in hf.weight_map(self.config) if e.zoo == zoo_name]
+      return meta.to_zoo(pieces[0], self.source.read(pieces[0].meta))
     arrays = [self.source.read(e.hf) for e in pieces]
     arrays = [a.T if e.transpose else a for e, a in zip(pieces, arrays)]
     return arrays[0] if pieces[0].expert is None else np.stack(arrays)
@@ -285,8 +290,7 @@ def convert(src: str, dst: str, to: str, dtype: str | None = None, force: bool =
   if to == "gguf":
     if shards is not None:
       raise ZooError("--shards applies to --to meta only")
-    if dtype is not None and dtype not in gguf.DTYPES:
-      raise ZooError(f"--dtype {dtype} is not a GGUF type; use one of f32, f16, bf16, q8_0")
+    gguf.file_type(dtype)  # a bad --dtype fails before the checkpoint is opened
   elif dtype is not None:
     numpy_dtype(dtype)
   ckpt = Checkpoint(src)

@@ -337,6 +337,16 @@ def _qtype(t: Tensor, requested: str):
   return q[requested]
 
 
+def file_type(dtype: str | None, ckpt=None) -> str:
+  """The GGML type an export writes its matrices in: `dtype` (a --dtype name), or with None
+  the checkpoint's own (when `ckpt` is given)."""
+  if dtype is None:
+    return default_dtype(ckpt) if ckpt is not None else "F32"
+  if dtype not in DTYPES:
+    raise ZooError(f"--dtype {dtype} is not a GGUF type; use one of f32, f16, bf16, q8_0")
+  return DTYPES[dtype]
+
+
 def default_dtype(ckpt) -> str:
   dtype = np.dtype(ckpt.zoo_dtypes()["embed_tokens.embedding"]).name
   return {"float16": "F16", "bfloat16": "BF16"}.get(dtype, "F32")
@@ -348,9 +358,7 @@ def write_gguf(ckpt, path: str, dtype: str | None = None) -> list[str]:
   import gguf
   from zoo.convert import hf
   c = ckpt.config
-  if dtype is not None and dtype not in DTYPES:
-    raise ZooError(f"--dtype {dtype} is not a GGUF type; use one of f32, f16, bf16, q8_0")
-  requested = DTYPES[dtype] if dtype else default_dtype(ckpt)
+  requested = file_type(dtype, ckpt)
   check_exportable(c)
   vocab = vocab_of(ckpt)
   arch = architecture(c)
