@@ -8,7 +8,9 @@
 Arguments: init_from (the base checkpoint, zoo or HF), files (text or JSONL globs; default the
 standard-library corpus), rank, alpha (default 2 x rank), targets (module names joined by '+',
 e.g. q_proj+k_proj+v_proj+o_proj, or all-linear), dropout (on the adapters' input while
-training, as peft's lora_dropout; default 0), quantize (none, int8, nf4), shrink. The run
+training, as peft's lora_dropout; default 0), quantize (none, int8, nf4), remat (default full:
+each layer's activations are recomputed in the backward pass, as peft's QLoRA recipe turns on
+gradient checkpointing; none keeps them, faster and larger), shrink. The run
 ends with the adapter in WORKDIR/adapter (zoo's) and WORKDIR/adapter_peft (HF peft's), for
 `zoo.load(base, adapter=DIR)`, `zoo generate --adapter DIR` and `peft.PeftModel`.
 """
@@ -19,7 +21,7 @@ from zoo.train.config import base_config, check_args, parse_arg, shrink
 def get_config(arg=None):
   args = parse_arg(arg)
   check_args(args, {"init_from", "files", "rank", "alpha", "targets", "dropout", "quantize",
-                    "shrink"}, "lora.py")
+                    "remat", "shrink"}, "lora.py")
   c = base_config()
   c.init_from = args.get("init_from", "")
   c.data.update(dict(source="files" if args.get("files") else "python_stdlib",
@@ -29,6 +31,7 @@ def get_config(arg=None):
                      targets=args.get("targets", "all-linear").replace("+", ","),
                      dropout=float(args.get("dropout", 0.0)),
                      quantize=args.get("quantize", "none")))
+  c.model.remat = args.get("remat", "full")
   c.optimizer.update(dict(lr=2e-4, weight_decay=0.0, warmup_steps=50, schedule="cosine"))
   c.train.update(dict(steps=1000, log_every=10, eval_every=200, checkpoint_every=200))
   if args.get("shrink"):

@@ -942,8 +942,9 @@ def add_lora_args(p: argparse.ArgumentParser):
   p.add_argument("--seq-len", type=int, default=128)
   p.add_argument("--model", choices=sorted(LORA_MODELS), default="medium",
                  help="small: 91M parameters, medium: 322M (default)")
-  p.add_argument("--remat", default="none", help="remat policy of all three steps "
-                 "(none, full, dots, dots_no_batch; default none)")
+  p.add_argument("--remat", default="full", help="remat policy of all three steps (none, "
+                 "full, dots, dots_no_batch; default full, as configs/lora.py and peft's QLoRA "
+                 "recipe fine-tune)")
 
 
 # 91M and 335M float32 LLaMAs; at the small size the JAX runtime and XLA's compile memory

@@ -336,6 +336,40 @@ def test_qlora_step_tracks_the_bf16_base(save_hf):
   assert ratio["nf4"] <= 0.30 and ratio["int8"] <= 0.55
 
 
+def lora_step_temp_bytes(quantize, remat):
+  """XLA's temporary buffer size for a LoRA step on an 8-layer model (compile only), the frozen
+  base held in float32 or quantized."""
+  from zoo.layers.quant import quantize_tree
+  from zoo.models.llama import Llama
+  from zoo.models.presets import get_preset
+  config = get_preset("tiny_llama", vocab_size=128, hidden_size=256, num_heads=4,
+                      num_kv_heads=4, intermediate_size=1024, num_layers=8)
+  model = Llama(config, remat=remat, rngs=nnx.Rngs(0))
+  lora.add_lora(model, lora.LoraSpec(rank=8, alpha=16, targets=("all-linear",)))
+  graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, nnx.Param)
+  adapters, base = nnx.to_pure_dict(adapters), nnx.to_pure_dict(base)
+  if quantize != "none":
+    base = quantize_tree(base, quantize)
+  tx = optax.adamw(1e-3)
+  state = {"step": jnp.zeros((), jnp.int32), "params": adapters,
+           "opt_state": tx.init(adapters), "rng": jnp.zeros(2, jnp.uint32)}
+  step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(1e-3), frozen=True))
+  layer_kernels = 4 * (4 * 256 * 256 + 3 * 256 * 1024)  # one layer's weights in float32
+  compiled = step.lower(state, lm_batch(4, 64), base).compile()
+  return compiled.memory_analysis().temp_size_in_bytes, layer_kernels
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_qlora_step_dequantizes_one_layer_at_a_time(remat):
+  """A QLoRA step holds the dequantized weights of about one layer at a time, not every
+  layer's from the forward pass to the backward pass: its temporaries exceed the same LoRA
+  step's on a float32 base by less than two layers' weights (8 layers here)."""
+  lora_temp, layer = lora_step_temp_bytes("none", remat)
+  for kind in ("nf4", "int8"):
+    qlora_temp, _ = lora_step_temp_bytes(kind, remat)
+    assert qlora_temp - lora_temp < 2 * layer, (kind, qlora_temp, lora_temp, layer)
+
+
 def test_quantized_base_is_sharded_by_the_rules(save_hf):
   """On an (fsdp 4, tensor 2) mesh the NF4 base keeps the rules' row sharding (codes and scales
   split by blocks, each device holding whole rows), and a QLoRA step on the mesh gives the

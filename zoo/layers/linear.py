@@ -7,11 +7,15 @@ by itself (eager sharding off), so models build the same way with or without a m
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from zoo.layers.quant import QTensor, dequantize
+from zoo.layers.quant import QTensor, dequantize, is_quantized
 
 Names = tuple[str | None, ...]
 
@@ -41,6 +45,54 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*lead, w.shape[-1])
 
 
+def after(x: jax.Array) -> jax.Array:
+  """A float32 scalar zero that XLA cannot compute before `x` exists, nor prove equal to the
+  zero of another call. Adding it to an input orders work and keeps recomputations apart:
+  XLA:CPU drops `optimization_barrier`, and without a data dependence it would compute every
+  layer's dequantized weight at the start of the step, or merge a backward pass's
+  recomputation with the forward one it repeats. (`NaN > inf` is false, so it stays zero.)"""
+  return (jnp.ravel(x)[0] > jnp.inf).astype(jnp.float32)
+
+
+def _tied(q: QTensor, x: jax.Array) -> QTensor:
+  return dataclasses.replace(q, codes=q.codes + after(x).astype(q.codes.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def quantized_matmul(x: jax.Array, q: QTensor, dtype) -> jax.Array:
+  """x [..., in] @ dequantize(q) [in, out] in `dtype`, for a frozen quantized weight.
+
+  The weight is dequantized when x is ready and dropped after its product; the backward pass
+  (which needs only x's gradient: the weight is frozen) dequantizes it again when the incoming
+  gradient is ready, instead of keeping every layer's dequantized weight from forward to
+  backward."""
+  return matmul(x, dequantize(_tied(q, x), dtype))
+
+
+def _quantized_matmul_fwd(x, q, dtype):
+  return quantized_matmul(x, q, dtype), q
+
+
+def _quantized_matmul_bwd(dtype, q, g):
+  w = dequantize(_tied(q, g), dtype)
+  dx = matmul(g, w.T)
+  zero = jax.tree.map(lambda a: (np.zeros(a.shape, jax.dtypes.float0)
+                                 if not jnp.issubdtype(a.dtype, jnp.inexact)
+                                 else jnp.zeros_like(a)), q)
+  return dx, zero
+
+
+quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
+
+
+def linear_product(x: jax.Array, var: nnx.Variable, dtype) -> jax.Array:
+  """x @ a kernel variable's value in `dtype`, dequantizing a frozen quantized kernel."""
+  value = var.get_value()
+  if is_quantized(value):
+    return quantized_matmul(x, value, dtype)
+  return matmul(x, value.astype(dtype))
+
+
 class Linear(nnx.Module):
   """y = x @ kernel (+ bias), computed in `dtype`."""
 
@@ -61,7 +113,7 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    y = matmul(x, base_kernel(self.kernel, self.dtype))
+    y = linear_product(x, self.kernel, self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.lora_a is not None:

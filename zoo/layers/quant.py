@@ -150,7 +150,9 @@ def dequantize(q: QTensor, dtype=jnp.float32) -> jax.Array:
   elif q.kind == "nf4":
     codes = q.codes.astype(jnp.uint8)
     index = jnp.stack([codes >> 4, codes & 0x0F], axis=-1).reshape(codes.shape[0], -1)
-    values = jnp.take(jnp.asarray(NF4_CODEBOOK), index.astype(jnp.int32), axis=0)
+    # mode "clip": a 4-bit code is always in range, and the default ("fill") would add a
+    # weight-sized select after the gather
+    values = jnp.take(jnp.asarray(NF4_CODEBOOK), index.astype(jnp.int32), axis=0, mode="clip")
   else:
     raise ZooError(f"unknown quantization kind {q.kind!r}; expected one of {', '.join(KINDS)}")
   return (values * q.scales.astype(jnp.float32)).reshape(q.shape).astype(dtype)

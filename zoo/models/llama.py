@@ -15,7 +15,7 @@ from flax import nnx
 
 from zoo.errors import ZooError
 from zoo.layers.attention import Attention
-from zoo.layers.linear import Embed, Linear
+from zoo.layers.linear import Embed, Linear, after
 from zoo.layers.mlp import MLP
 from zoo.layers.moe import SparseMoE
 from zoo.layers.norm import RMSNorm
@@ -25,10 +25,10 @@ from zoo.models.presets import PRESETS, get_preset
 from zoo.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# What a rematerialised decoder layer keeps for the backward pass.
+# What a rematerialised decoder layer keeps for the backward pass ("full" is `recompute`).
 REMAT_POLICIES = {
   "none": None,  # no remat: keep everything
-  "full": jax.checkpoint_policies.nothing_saveable,
+  "full": jax.checkpoint_policies.nothing_saveable,  # only the layer's input
   "dots": jax.checkpoint_policies.checkpoint_dots,
   "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -106,7 +106,9 @@ class Llama(nnx.Module):
     cos, sin = rope_cos_sin(self.config, positions, self.dtype)
     x = constrain(self.embed_tokens(tokens), ("batch", "length", "embed"))  # [B, T, D]
     run = _apply_layer
-    if self.remat != "none":
+    if self.remat == "full":
+      run = recompute
+    elif self.remat != "none":
       run = nnx.remat(_apply_layer, policy=REMAT_POLICIES[self.remat])
     for layer in self.layers:
       x = constrain(run(layer, x, cos, sin, segment_ids), ("batch", "length", "embed"))
@@ -153,6 +155,62 @@ class Llama(nnx.Module):
 
 def _apply_layer(layer, x, cos, sin, segment_ids):
   return layer(x, cos, sin, segment_ids)
+
+
+def _zero_cotangent(a):
+  if jnp.issubdtype(a.dtype, jnp.inexact):
+    return jnp.zeros_like(a)
+  return np.zeros(a.shape, jax.dtypes.float0)
+
+
+def recompute(layer, x, cos, sin, segment_ids):
+  """`layer(x, cos, sin, segment_ids)`, keeping only its inputs for the backward pass, which
+  runs the layer again to get its gradients (remat "full").
+
+  `jax.checkpoint` marks its recomputation with optimization barriers, which XLA:CPU removes
+  and then merges the recomputation with the forward pass, keeping every intermediate. Here the
+  backward pass recomputes from inputs tied to the incoming gradient (`after`), which XLA can
+  neither hoist nor merge, so a step holds one layer's intermediates at a time on every backend.
+  """
+  graphdef, state = nnx.split(layer)
+  flat, tree = jax.tree.flatten((state, x, cos, sin, segment_ids))
+  n_state = len(jax.tree.leaves(state))
+  inexact = [jnp.issubdtype(a.dtype, jnp.inexact) for a in flat]
+
+  def apply(flat):
+    state, x, cos, sin, segment_ids = jax.tree.unflatten(tree, flat)
+    return nnx.merge(graphdef, state)(x, cos, sin, segment_ids)
+
+  @jax.custom_vjp
+  def run(flat):
+    return apply(flat)
+
+  def forward(flat):
+    return apply(flat), flat
+
+  def backward(flat, g):
+    zero = after(g)
+    # the activations start the recomputation; weights are read as they are (a quantized one
+    # is tied to its input inside `quantized_matmul`)
+    flat = [a + zero.astype(a.dtype) if i >= n_state and inexact[i] else a
+            for i, a in enumerate(flat)]
+    picked = [i for i, d in enumerate(inexact) if d]
+
+    def partial(values):
+      full = list(flat)
+      for i, v in zip(picked, values, strict=True):
+        full[i] = v
+      return apply(full)
+
+    _, vjp = jax.vjp(partial, [flat[i] for i in picked])
+    (grads,) = vjp(g)
+    out = [_zero_cotangent(a) for a in flat]
+    for i, grad in zip(picked, grads, strict=True):
+      out[i] = grad
+    return (out,)
+
+  run.defvjp(forward, backward)
+  return run(flat)
 
 
 @nnx.jit
