@@ -9,7 +9,7 @@ import torch
 import zoo
 from tests.conftest import hf_model
 from zoo.errors import ZooError
-from zoo.infer.generate import Generator, Sampling, sample
+from zoo.infer.generate import Generator, Sampling, greedy, sample
 
 VARIANTS = {
   "llama_gqa": ("llama", dict()),
@@ -104,6 +104,20 @@ def test_sampling_stays_inside_top_k_top_p(temperature, top_k, top_p):
     assert len(set(seen[:, row])) > 1 or allowed[row].sum() == 1
   if top_k == 1:  # top-1 is greedy
     assert (seen == logits.argmax(-1)).all()
+
+
+def test_greedy_picks_numpy_argmax_with_ties_and_nan():
+  rng = np.random.default_rng(3)
+  logits = rng.standard_normal((6, 32000)).astype(np.float32)
+  logits[1, [5, 17, 31999]] = 9.0  # a tie: the first index wins
+  logits[2, :] = -np.inf
+  logits[3, [0, 200]] = np.inf
+  logits[4, 77] = np.nan  # NaN counts as the maximum, as in numpy
+  logits[5, [12, 40]] = np.nan
+  got = np.asarray(jax.jit(greedy)(jnp.asarray(logits)))
+  np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+  assert got.dtype == np.int32
+  assert list(got[1:]) == [5, 0, 0, 77, 12]
 
 
 def test_sampled_generation_is_reproducible_by_seed(save_hf):

@@ -66,10 +66,21 @@ def allowed_tokens(logits: jax.Array, sampling: Sampling) -> jax.Array:
   return keep
 
 
+def greedy(logits: jax.Array) -> jax.Array:
+  """jnp.argmax over the last axis (the first maximum; the first NaN where there is one) as
+  int32, computed as a max and then the least index holding it: two plain reductions, where
+  XLA:CPU runs argmax's (value, index) reduction 3-4x slower (at a 32000-token vocabulary
+  about 120 us a row, 2-3% of a small model's decode step)."""
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  hit = (logits == top) | jnp.isnan(logits)
+  return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
   """Next tokens [B] (int32) from float32 logits [B, V]."""
   if sampling.temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return greedy(logits)
   scaled = logits / sampling.temperature
   scaled = jnp.where(allowed_tokens(logits, sampling), scaled, -jnp.inf)
   return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
