@@ -687,7 +687,9 @@ def zoo_decoder(spec: dict):
   generator = Generator(zoo.load(spec["checkpoint"]))
   prompts = decode_prompts(spec["batch"], spec["prompt_len"])
   generator.generate(prompts, max_new_tokens=spec["new_tokens"])  # compiles the bucket
-  info = {"compile_s": time.perf_counter() - start, "jax": jax.__version__}
+  from zoo.kernels import gemv
+  info = {"compile_s": time.perf_counter() - start, "jax": jax.__version__,
+          "cpu_kernel": gemv.available()}
 
   def run(n: int) -> float:
     for _ in range(n):
@@ -832,6 +834,7 @@ def bench_decode(args, workdir: str) -> dict:
         w.close()
     bound = bandwidth / model["step_bytes"] * batch
     row = {"zoo_tokens_per_sec": round(median(rates["zoo"]), 1),
+           "zoo_cpu_kernel": workers["zoo"].info.get("cpu_kernel"),
            "zoo_rounds": [round(r, 1) for r in rates["zoo"]],
            "bound_tokens_per_sec": round(bound, 1),
            "zoo_fraction_of_bound": round(median(rates["zoo"]) / bound, 3),

@@ -8,6 +8,7 @@ import torch
 
 import zoo
 from tests.conftest import hf_model
+from zoo import sharding
 from zoo.errors import ZooError
 from zoo.infer.generate import Generator, Sampling, greedy, sample
 
@@ -52,22 +53,43 @@ def test_greedy_batch_matches_transformers_one_by_one(variant, save_hf):
   assert generator.generate(batch[1:2], max_new_tokens=NEW_TOKENS) == ours[1:2]
 
 
+@pytest.mark.parametrize("rows", [[0, 1], [1]], ids=["batch2", "batch1"])
 @pytest.mark.parametrize("variant", ["llama_gqa", "mistral_window_8", "mixtral_window_8"])
-def test_cached_logits_equal_full_forward_every_step(variant, save_hf):
+def test_cached_logits_equal_full_forward_every_step(variant, rows, save_hf):
+  """(Batch 1 steps run their weight products on zoo.kernels.gemv, batch 2 on XLA's dot.)"""
   family, overrides = VARIANTS[variant]
   model = zoo.load(save_hf(hf_model(family, **overrides)))
   generator = Generator(model)
-  seq = np.random.default_rng(2).integers(0, 128, (2, 30))
-  lengths = np.array([6, 11])
-  full = model.logits(seq)  # [2, 30, V]: the reference, no cache
+  seq = np.random.default_rng(2).integers(0, 128, (2, 30))[rows]
+  lengths = np.array([6, 11])[rows]
+  full = model.logits(seq)  # [B, 30, V]: the reference, no cache
   tokens = np.where(np.arange(16)[None] < lengths[:, None], seq[:, :16], 0)
-  logits, cache = generator.prefill(tokens, lengths, generator.init_cache(2, 128))
-  np.testing.assert_allclose(logits, full[[0, 1], lengths - 1], atol=1e-4, rtol=0)
+  logits, cache = generator.prefill(tokens, lengths, generator.init_cache(len(rows), 128))
+  np.testing.assert_allclose(logits, full[np.arange(len(rows)), lengths - 1], atol=1e-4, rtol=0)
   positions = lengths.copy()
   for _ in range(30 - lengths.max()):  # more steps than the window of 8
-    logits, cache = generator.step(seq[[0, 1], positions], positions, cache)
-    np.testing.assert_allclose(logits, full[[0, 1], positions], atol=1e-4, rtol=0)
+    logits, cache = generator.step(seq[np.arange(len(rows)), positions], positions, cache)
+    np.testing.assert_allclose(logits, full[np.arange(len(rows)), positions], atol=1e-4, rtol=0)
     positions += 1
+
+
+@pytest.mark.parametrize("batch,mesh,expected", [(1, False, 7 * 2 + 1), (2, False, 0),
+                                                 (1, True, 0)])
+def test_batch_one_steps_use_the_cpu_kernel(batch, mesh, expected, save_hf):
+  """Each of a batch-1 step's weight products (7 a layer and the output head) goes to the
+  kernel; wider batches and sharded steps keep XLA's products."""
+  model = zoo.load(save_hf(hf_model("llama")))  # 2 layers, untied head
+  if mesh:
+    generator = Generator(model, mesh=sharding.make_mesh((2, 1, 2), devices=jax.devices()[:4]),
+                          rules=sharding.DEFAULT_RULES)
+  else:
+    generator = Generator(model)
+  cache = generator.init_cache(batch, 128)
+  ids = np.zeros(batch, np.int32)
+  with generator._context():
+    hlo = generator._step_logits.lower(generator.params, generator._place(ids),
+                                       generator._place(ids), cache).compile().as_text()
+  assert hlo.count('custom_call_target="zoo_row_matmul"') == expected
 
 
 def numpy_allowed(logits, temperature, top_k, top_p):
@@ -160,7 +182,6 @@ def test_bad_prompts_are_refused(save_hf):
 def test_sharded_generation_equals_single_device(save_hf):
   """Parameters and cache laid out by the training rules table on a (data 2, tensor 2) mesh
   of host devices: the same greedy tokens as one device."""
-  from zoo import sharding
   assert jax.device_count() >= 4
   model = zoo.load(save_hf(hf_model("llama")))
   batch = prompts() + [[3, 4, 5]]

@@ -22,6 +22,7 @@ from flax import nnx
 from zoo import sharding
 from zoo.errors import ZooError
 from zoo.layers.attention import CACHE_AXES, write_cache
+from zoo.layers.linear import row_kernel
 
 # Prompt lengths are padded up to a power of two of at least this, cache lengths to a multiple
 # of CACHE_BUCKET, so that a handful of compiled programs serve every request.
@@ -104,11 +105,13 @@ def _prefill(graphdef, params, tokens, lengths):
   return model.head(last).astype(jnp.float32), new
 
 
-def _step(graphdef, params, tokens, positions, cache):
-  """Logits [B, V] after tokens [B] at `positions` [B], and their keys and values."""
+def _step(graphdef, params, tokens, positions, cache, *, kernel=False):
+  """Logits [B, V] after tokens [B] at `positions` [B], and their keys and values; with
+  `kernel`, one-row weight products (batch 1) go to zoo.kernels.gemv on the CPU."""
   model = nnx.merge(graphdef, params)
-  x, new = model.decode(tokens[:, None], positions[:, None], cache)
-  return model.head(x[:, 0]).astype(jnp.float32), new
+  with row_kernel() if kernel else contextlib.nullcontext():
+    x, new = model.decode(tokens[:, None], positions[:, None], cache)
+    return model.head(x[:, 0]).astype(jnp.float32), new
 
 
 def _write(cache, new, start):
@@ -120,8 +123,9 @@ def _prefill_and_sample(graphdef, sampling, params, tokens, lengths, key):
   return sample(logits, jax.random.fold_in(key, 0), sampling), new
 
 
-def _step_and_sample(graphdef, sampling, params, tokens, positions, index, cache, key):
-  logits, new = _step(graphdef, params, tokens, positions, cache)
+def _step_and_sample(graphdef, sampling, params, tokens, positions, index, cache, key, *,
+                     kernel=False):
+  logits, new = _step(graphdef, params, tokens, positions, cache, kernel=kernel)
   next_tokens = sample(logits, jax.random.fold_in(key, index), sampling)
   return next_tokens, positions + 1, index + 1, new
 
@@ -143,12 +147,15 @@ class Generator:
     if mesh is not None:
       params = jax.device_put(params, sharding.param_shardings(model, mesh, self.rules))
     self.params = params
+    # Batch-1 steps stream each weight once through one-row products, which XLA:CPU runs on
+    # one core; unsharded, they go to zoo.kernels.gemv, which uses all of them.
+    self.kernel = mesh is None
     # Each token takes two programs: the step reads the cache, and `_write` (which only writes
     # it) stores the new keys and values in place.
     # The graph is bound here rather than passed as a static argument, which would be hashed
     # on every call (milliseconds for a large graph).
     self._prefill_logits = jax.jit(functools.partial(_prefill, self.graphdef))
-    self._step_logits = jax.jit(functools.partial(_step, self.graphdef))
+    self._step_logits = jax.jit(functools.partial(_step, self.graphdef, kernel=self.kernel))
     self._write = jax.jit(_write, donate_argnums=0)
     self._samplers: dict[Sampling, tuple] = {}
 
@@ -157,7 +164,8 @@ class Generator:
     if sampling not in self._samplers:
       self._samplers[sampling] = (
         jax.jit(functools.partial(_prefill_and_sample, self.graphdef, sampling)),
-        jax.jit(functools.partial(_step_and_sample, self.graphdef, sampling)))
+        jax.jit(functools.partial(_step_and_sample, self.graphdef, sampling,
+                                  kernel=self.kernel)))
     return self._samplers[sampling]
 
   def _context(self):

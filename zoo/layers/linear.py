@@ -7,14 +7,18 @@ by itself (eager sharding off), so models build the same way with or without a m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import math
+import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from zoo.kernels import gemv
 from zoo.layers.quant import QTensor, dequantize, is_quantized
 
 Names = tuple[str | None, ...]
@@ -85,11 +89,31 @@ def _quantized_matmul_bwd(dtype, q, g):
 quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
 
 
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def row_kernel():
+  """Within this block, functions being traced send each float32 Linear product of a single
+  row to the CPU kernel of zoo.kernels.gemv (where it is available): for decode steps, which
+  only run forward and unsharded. Products of more rows, other dtypes, quantized kernels,
+  adapters and the tied output embedding stay XLA's."""
+  before = getattr(_tracing, "row_kernel", False)
+  _tracing.row_kernel = True
+  try:
+    yield
+  finally:
+    _tracing.row_kernel = before
+
+
 def linear_product(x: jax.Array, var: nnx.Variable, dtype) -> jax.Array:
   """x @ a kernel variable's value in `dtype`, dequantizing a frozen quantized kernel."""
   value = var.get_value()
   if is_quantized(value):
     return quantized_matmul(x, value, dtype)
+  if (getattr(_tracing, "row_kernel", False) and math.prod(x.shape[:-1]) == 1
+      and x.dtype == value.dtype == dtype == jnp.float32 and gemv.available()):
+    return gemv.row_matmul(x.reshape(1, -1), value).reshape(*x.shape[:-1], value.shape[-1])
   return matmul(x, value.astype(dtype))
 
 
