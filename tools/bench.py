@@ -856,9 +856,18 @@ def bench_decode(args, workdir: str) -> dict:
     if row["background_cpu"] > 0.15:
       print(f"  WARNING: other processes used {row['background_cpu']:.0%} of the CPUs")
     per_batch[str(batch)] = row
-  targets = {"1": [("fraction of bound", 0.9, "zoo_fraction_of_bound"),
-                   ("zoo/llama.cpp", 1.0, "ratio_vs_llamacpp")],
-             "8": [("ratio", 2.0, "ratio")]}
+  # The issue's batch-1 target is llama.cpp's rate; its "about 90% of the bound, 1.7x
+  # transformers" restate that rate as measured when the issue was written. Both fractions of
+  # the bound are printed, since llama.cpp's own fraction moves with the machine.
+  targets = {"1": [("zoo/llama.cpp", 1.0, "ratio_vs_llamacpp"),
+                   ("zoo/transformers", 1.7, "ratio")],
+             "8": [("zoo/transformers", 2.0, "ratio")]}
+  if "1" in per_batch and per_batch["1"].get("llamacpp_tokens_per_sec"):
+    row = per_batch["1"]
+    row["llamacpp_fraction_of_bound"] = round(
+      row["llamacpp_tokens_per_sec"] / row["bound_tokens_per_sec"], 3)
+    print(f"batch 1 fraction of the bound: zoo {row['zoo_fraction_of_bound']:.2f}, "
+          f"llama.cpp {row['llamacpp_fraction_of_bound']:.2f}")
   verdicts = []
   for b, goals in targets.items():
     for what, goal, key in goals:

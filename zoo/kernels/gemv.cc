@@ -27,10 +27,10 @@ using MatrixOut = ffi::ResultBuffer<ffi::F32, 2>;
 
 namespace {
 
-constexpr int64_t kUnroll = 8;   // rows of w combined per pass over an output tile
 constexpr int64_t kTile = 2048;  // output columns per tile: 8 KiB, kept in L1
 
-// out[0:N] = x[k0:k1] @ w[k0:k1, 0:N]
+// out[0:N] = x[k0:k1] @ w[k0:k1, 0:N], k1 - k0 a multiple of 8 except in the last block.
+// Each pass over an output tile streams 16 (then 8, then 1) rows of w at once.
 void Block(const float* __restrict x, const float* __restrict w, float* __restrict out,
            int64_t N, int64_t k0, int64_t k1) {
   std::fill(out, out + N, 0.0f);
@@ -38,7 +38,21 @@ void Block(const float* __restrict x, const float* __restrict w, float* __restri
     const int64_t width = std::min(N - t0, kTile);
     float* __restrict y = out + t0;
     int64_t k = k0;
-    for (; k + kUnroll <= k1; k += kUnroll) {
+    for (; k + 16 <= k1; k += 16) {
+      const float* __restrict a = w + k * N + t0;
+      const float* xk = x + k;
+      for (int64_t j = 0; j < width; ++j) {
+        const float lo = xk[0] * a[j] + xk[1] * a[j + N] + xk[2] * a[j + 2 * N] +
+                         xk[3] * a[j + 3 * N] + xk[4] * a[j + 4 * N] + xk[5] * a[j + 5 * N] +
+                         xk[6] * a[j + 6 * N] + xk[7] * a[j + 7 * N];
+        const float hi = xk[8] * a[j + 8 * N] + xk[9] * a[j + 9 * N] +
+                         xk[10] * a[j + 10 * N] + xk[11] * a[j + 11 * N] +
+                         xk[12] * a[j + 12 * N] + xk[13] * a[j + 13 * N] +
+                         xk[14] * a[j + 14 * N] + xk[15] * a[j + 15 * N];
+        y[j] += lo + hi;
+      }
+    }
+    for (; k + 8 <= k1; k += 8) {
       const float* __restrict a = w + k * N + t0;
       const float* xk = x + k;
       for (int64_t j = 0; j < width; ++j) {
@@ -91,7 +105,7 @@ ffi::Error RowMatmul(ffi::ThreadPool pool, Matrix x, Matrix w, MatrixOut y) {
   p->N = N;
   p->K = K;
   const int64_t rows = (K + threads - 1) / threads;
-  p->rows_per_block = std::max<int64_t>(kUnroll, (rows + kUnroll - 1) / kUnroll * kUnroll);
+  p->rows_per_block = std::max<int64_t>(8, (rows + 7) / 8 * 8);
   p->blocks = K == 0 ? 0 : (K + p->rows_per_block - 1) / p->rows_per_block;
   if (p->blocks == 0) {
     std::fill(p->y, p->y + N, 0.0f);
