@@ -168,6 +168,47 @@ def test_stop_tokens_and_max_length(save_hf):
     assert cut == (full[:full.index(stop) + 1] if stop in full else full)
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 32])
+def test_chunked_decoding_streams_every_token_and_stops_mid_chunk(chunk, save_hf, monkeypatch):
+  """Tokens come from on-device loops of up to `chunk` steps: the callback still sees every
+  step's tokens in order with the rows still going, and a stop token or the token budget inside
+  a chunk ends the row there (transformers' greedy ids are the reference)."""
+  from zoo.infer import generate as generate_module
+  monkeypatch.setattr(generate_module, "MAX_CHUNK", chunk)
+  ref = hf_model("llama")
+  generator = Generator(zoo.load(save_hf(ref)))
+  batch = prompts()
+  expected = [hf_greedy(ref, p, 30) for p in batch]
+  stop = expected[1][12]
+  budgets = [30, 30, 7]
+  want = []
+  for full, budget in zip(expected, budgets):
+    row = full[:budget]
+    want.append(row[:row.index(stop) + 1] if stop in row else row)
+  seen = []
+  got = generator.generate(batch, max_new_tokens=30, stop_ids=[stop],
+                           on_tokens=lambda t, a: seen.append((t.copy(), a.copy())))
+  got_short = generator.generate(batch[2:], max_new_tokens=budgets[2], stop_ids=[stop])
+  assert got[:2] == want[:2] and got_short == want[2:]
+  streamed = [[int(t[i]) for t, a in seen if a[i]] for i in range(len(batch))]
+  assert streamed == got
+  assert len(seen) == max(len(g) for g in got)  # no calls after every row stopped
+
+
+def test_decode_loop_updates_the_cache_in_place(save_hf):
+  """The chunk program carries the KV cache through its loop without copying it."""
+  generator = Generator(zoo.load(save_hf(hf_model("llama"))))
+  _, chunk = generator._sampler(Sampling())
+  cache = generator.init_cache(1, 128)
+  ids = jnp.zeros(1, jnp.int32)
+  hlo = chunk.lower(generator.params, ids, ids, jnp.ones((), jnp.int32), cache,
+                    jax.random.key(0), jnp.int32(4), jnp.ones(1, bool), ids,
+                    jnp.full(8, -1, jnp.int32)).compile().as_text()
+  shape = "f32[1,2,128,16]"  # [batch, kv_heads, slots, head_dim]
+  copies = [line for line in hlo.splitlines() if shape in line and " copy(" in line]
+  assert hlo.count(shape) > 0 and copies == []
+
+
 def test_bad_prompts_are_refused(save_hf):
   generator = Generator(zoo.load(save_hf(hf_model("llama", max_position_embeddings=24))))
   for bad, message in (([[]], "empty"), ([[1, 2, 128]], "outside the vocabulary"),
