@@ -83,6 +83,16 @@ def test_built_library_is_reused(tmp_path, monkeypatch):
   assert [p.name for p in tmp_path.iterdir()] == [first.name]
 
 
+def test_unwritable_cache_dir_builds_under_the_temporary_directory(tmp_path, monkeypatch):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  monkeypatch.setenv("ZOO_CACHE_DIR", str(blocker / "cache"))
+  monkeypatch.setattr(gemv.tempfile, "tempdir", str(tmp_path / "tmp"))
+  (tmp_path / "tmp").mkdir()
+  built = gemv.build()
+  assert built.parent.parent == tmp_path / "tmp" and built.exists()
+
+
 def test_zoo_cpu_gemv_0_turns_it_off():
   code = "from zoo.kernels import gemv; print(gemv.available())"
   env = dict(os.environ, ZOO_CPU_GEMV="0", JAX_PLATFORMS="cpu")

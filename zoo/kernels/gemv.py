@@ -4,9 +4,9 @@ A decode step multiplies one row per sequence by every weight matrix, so at batc
 is the time to stream the weights. XLA:CPU runs each one-row product on a single core; gemv.cc
 splits the weight's rows over the cores of XLA's intra-op thread pool. The library is compiled
 with the machine's C++ compiler (`$CXX`, else `c++`) against jaxlib's FFI headers, once per
-source, jaxlib and CPU, into `$ZOO_CACHE_DIR` (default `~/.cache/zoo`). Without a compiler, or
-with `ZOO_CPU_GEMV=0`, the products stay XLA's own (`available()` is False) and results are the
-same up to float32 summation order.
+source, jaxlib and CPU, into `$ZOO_CACHE_DIR` (default `~/.cache/zoo`; the temporary directory
+where that cannot be written). Without a compiler, or with `ZOO_CPU_GEMV=0`, the products stay
+XLA's own (`available()` is False) and results are the same up to float32 summation order.
 """
 
 from __future__ import annotations
@@ -55,11 +55,20 @@ def build(compiler: str | None = None) -> Path:
     raise OSError(f"no C++ compiler {compiler!r} on PATH")
   key = hashlib.sha256(b"\0".join([
     SOURCE.read_bytes(), jaxlib.__version__.encode(), exe.encode(), _cpu_id().encode()]))
-  out = cache_dir() / f"zoo_gemv_{key.hexdigest()[:16]}.so"
+  name = f"zoo_gemv_{key.hexdigest()[:16]}.so"
+  out = cache_dir() / name
   if out.exists():
     return out
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
+  except OSError:  # a read-only home: build under the temporary directory instead
+    user = os.getuid() if hasattr(os, "getuid") else 0
+    out = Path(tempfile.gettempdir()) / f"zoo-{user}" / name
+    if out.exists():
+      return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
   os.close(fd)
   base = [exe, "-O3", "-std=c++17", "-shared", "-fPIC", "-w",
           f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
