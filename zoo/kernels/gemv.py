@@ -103,10 +103,12 @@ def available() -> bool:
 
 
 def row_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [1, K] @ w [K, N] in float32 by the kernel; call only when `available()`."""
+  """x [1, K] @ w [K, N] in float32 by the kernel (RuntimeError where it is not `available()`)."""
   if x.ndim != 2 or x.shape[0] != 1 or w.ndim != 2 or x.shape[1] != w.shape[0]:
     raise ValueError(f"row_matmul needs x [1, K] and w [K, N], got {x.shape} and {w.shape}")
   if x.dtype != jnp.float32 or w.dtype != jnp.float32:
     raise ValueError(f"row_matmul is float32 only, got {x.dtype} and {w.dtype}")
+  if not available():
+    raise RuntimeError("the CPU one-row product kernel is not available in this process")
   out = jax.ShapeDtypeStruct((1, w.shape[1]), jnp.float32)
   return jax.ffi.ffi_call(TARGET, out)(x, w)
