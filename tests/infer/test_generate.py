@@ -201,9 +201,9 @@ def test_decode_loop_updates_the_cache_in_place(save_hf):
   _, chunk = generator._sampler(Sampling())
   cache = generator.init_cache(1, 128)
   ids = jnp.zeros(1, jnp.int32)
-  hlo = chunk.lower(generator.params, ids, ids, jnp.ones((), jnp.int32), cache,
-                    jax.random.key(0), jnp.int32(4), jnp.ones(1, bool), ids,
-                    jnp.full(8, -1, jnp.int32)).compile().as_text()
+  state = (ids, ids, jnp.ones((), jnp.int32), cache, jnp.ones(1, bool), ids)
+  hlo = chunk.lower(generator.params, jax.random.key(0), jnp.full(8, -1, jnp.int32),
+                    jnp.int32(4), state).compile().as_text()
   shape = "f32[1,2,128,16]"  # [batch, kv_heads, slots, head_dim]
   copies = [line for line in hlo.splitlines() if shape in line and " copy(" in line]
   assert hlo.count(shape) > 0 and copies == []

@@ -139,39 +139,43 @@ def _step_and_sample(graphdef, sampling, params, tokens, positions, index, cache
   return next_tokens, positions + 1, index + 1, new
 
 
-def _decode_chunk(graphdef, sampling, params, tokens, positions, index, cache, key, steps,
-                  live, remaining, stop, *, kernel=False):
-  """Up to `steps` decode steps on the device: (tokens [B, MAX_CHUNK] (the first `done`
-  columns are new), done, and the state to continue from: last tokens, positions, index, cache,
-  live, remaining).
+def _still_live(live, remaining, tokens, stop):
+  """Rows that go on after emitting `tokens` [B]: live, with tokens remaining, and no stop."""
+  return live & (remaining > 0) & ~jnp.any(tokens[:, None] == stop[None], axis=-1)
+
+
+def _decode_chunk(graphdef, sampling, params, key, stop, steps, state, *, kernel=False):
+  """Up to `steps` decode steps on the device from `state` = (last tokens [B], positions [B],
+  index, cache, live [B], remaining [B]): (tokens [B, MAX_CHUNK] whose first `done` columns are
+  new, done, the state to continue from).
 
   A row is live while it has tokens `remaining` and has not emitted one of `stop` (padded with
   -1); the loop ends early once no row is live. The cache is carried through the loop and
   updated in place (see `_chunk_options`).
   """
+  tokens, positions, index, cache, live, remaining = state
   # The incoming tokens were emitted already: a stop among them ends their row (a repeat check
   # for all but the first chunk, which starts from the prefill's tokens).
-  live = live & (remaining > 0) & ~jnp.any(tokens[:, None] == stop[None], axis=-1)
+  live = _still_live(live, remaining, tokens, stop)
 
-  def more(state):
-    i, *_, live, _ = state
-    return (i < steps) & jnp.any(live)
+  def more(carry):
+    i, _, state = carry
+    return (i < steps) & jnp.any(state[4])
 
-  def one(state):
-    i, out, tokens, positions, index, cache, live, remaining = state
+  def one(carry):
+    i, out, (tokens, positions, index, cache, live, remaining) = carry
     new_tokens, new_positions, index, new = _step_and_sample(
       graphdef, sampling, params, tokens, positions, index, cache, key, kernel=kernel)
     cache = _write(cache, new, positions)
     out = jax.lax.dynamic_update_slice(out, new_tokens[:, None], (0, i))
     remaining = remaining - live.astype(remaining.dtype)
-    live = live & (remaining > 0) & ~jnp.any(new_tokens[:, None] == stop[None], axis=-1)
-    return i + 1, out, new_tokens, new_positions, index, cache, live, remaining
+    live = _still_live(live, remaining, new_tokens, stop)
+    return i + 1, out, (new_tokens, new_positions, index, cache, live, remaining)
 
   out = jnp.zeros((tokens.shape[0], MAX_CHUNK), jnp.int32)
-  done, out, tokens, positions, index, cache, live, remaining = jax.lax.while_loop(
-    more, one, (jnp.zeros((), jnp.int32), out, tokens, positions, index, cache, live,
-                remaining))
-  return out, done, tokens, positions, index, cache, live, remaining
+  state = (tokens, positions, index, cache, live, remaining)
+  done, out, state = jax.lax.while_loop(more, one, (jnp.zeros((), jnp.int32), out, state))
+  return out, done, state
 
 
 def _chunk_options():
@@ -203,8 +207,8 @@ class Generator:
     # Batch-1 steps stream each weight once through one-row products, which XLA:CPU runs on
     # one core; unsharded, they go to zoo.kernels.gemv, which uses all of them.
     self.kernel = mesh is None
-    # Each token takes two programs: the step reads the cache, and `_write` (which only writes
-    # it) stores the new keys and values in place.
+    # `prefill` and `step` take two programs each: one reads the cache, and `_write` (which only
+    # writes it) stores the new keys and values in place. (`generate`'s loop does both in one.)
     # The graph is bound here rather than passed as a static argument, which would be hashed
     # on every call (milliseconds for a large graph).
     self._prefill_logits = jax.jit(functools.partial(_prefill, self.graphdef))
@@ -218,7 +222,7 @@ class Generator:
       self._samplers[sampling] = (
         jax.jit(functools.partial(_prefill_and_sample, self.graphdef, sampling)),
         jax.jit(functools.partial(_decode_chunk, self.graphdef, sampling, kernel=self.kernel),
-                donate_argnums=4, compiler_options=_chunk_options()))
+                donate_argnums=4, compiler_options=_chunk_options()))  # the state, cache and all
     return self._samplers[sampling]
 
   def _context(self):
@@ -319,15 +323,17 @@ class Generator:
     key = jax.random.key(seed)
     out: list[list[int]] = [[] for _ in range(b)]
     active = np.ones(b, bool)
+    counts = np.zeros(b, np.int64)  # len(out[i])
 
     def take(tokens: np.ndarray) -> None:
       """Hands one step's tokens [B] to the rows still generating, and retires rows."""
       nonlocal active
       for i in np.flatnonzero(active):
         out[i].append(int(tokens[i]))
+      counts[active] += 1
       if on_tokens is not None:
         on_tokens(tokens, active.copy())
-      active = active & ~np.isin(tokens, stop) & (np.array([len(o) for o in out]) < budget)
+      active = active & ~np.isin(tokens, stop) & (counts < budget)
 
     with self._context():
       prefill, chunk = self._sampler(sampling)
@@ -346,9 +352,7 @@ class Generator:
         # host; a chunk queued after every row has stopped ends at once (no live rows).
         if steps_left > 0 and len(pending) < 2:
           n = min(size, steps_left, MAX_CHUNK)
-          tokens_out, done, *rest = chunk(self.params, *state[:4], key, jnp.int32(n),
-                                          *state[4:], stop_dev)
-          state = tuple(rest)
+          tokens_out, done, state = chunk(self.params, key, stop_dev, jnp.int32(n), state)
           pending.append((tokens_out, done, n))
           steps_left -= n
           continue

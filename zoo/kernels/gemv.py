@@ -56,33 +56,32 @@ def build(compiler: str | None = None) -> Path:
   key = hashlib.sha256(b"\0".join([
     SOURCE.read_bytes(), jaxlib.__version__.encode(), exe.encode(), _cpu_id().encode()]))
   name = f"zoo_gemv_{key.hexdigest()[:16]}.so"
-  out = cache_dir() / name
-  if out.exists():
-    return out
   try:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
-  except OSError:  # a read-only home: build under the temporary directory instead
+    return _build_into(cache_dir() / name, exe)
+  except OSError:  # a read-only cache directory (home): the temporary directory instead
     user = os.getuid() if hasattr(os, "getuid") else 0
-    out = Path(tempfile.gettempdir()) / f"zoo-{user}" / name
-    if out.exists():
-      return out
+    return _build_into(Path(tempfile.gettempdir()) / f"zoo-{user}" / name, exe)
+
+
+def _build_into(out: Path, exe: str) -> Path:
+  """`out`, compiled unless it exists; whole or not at all, also with several processes
+  building at once."""
+  from zoo.convert.checkpoint import staged_file  # only when compiling
+  if not out.exists():
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=out.parent)
-  os.close(fd)
-  base = [exe, "-O3", "-std=c++17", "-shared", "-fPIC", "-w",
-          f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-  try:
-    try:
-      subprocess.run(base[:1] + ["-march=native"] + base[1:], check=True,
-                     capture_output=True, text=True)
-    except subprocess.CalledProcessError:  # a compiler without -march=native (some arm64)
-      subprocess.run(base, check=True, capture_output=True, text=True)
-    os.replace(tmp, out)  # whole or not at all, also with several processes building at once
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+    with staged_file(str(out), force=True) as tmp:
+      _compile(exe, tmp)
   return out
+
+
+def _compile(exe: str, dst: str) -> None:
+  base = [exe, "-O3", "-std=c++17", "-shared", "-fPIC", "-w",
+          f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", dst]
+  try:
+    subprocess.run(base[:1] + ["-march=native"] + base[1:], check=True,
+                   capture_output=True, text=True)
+  except subprocess.CalledProcessError:  # a compiler without -march=native (some arm64)
+    subprocess.run(base, check=True, capture_output=True, text=True)
 
 
 @functools.cache
