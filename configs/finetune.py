@@ -20,8 +20,4 @@ def get_config(arg=None):
                      files=args.get("files", ""), seq_len=512, batch_size=16))
   c.optimizer.update(dict(lr=2e-5, weight_decay=0.0, warmup_steps=100, schedule="cosine"))
   c.train.update(dict(steps=2000, log_every=10, eval_every=200, checkpoint_every=200))
-  if args.get("shrink"):
-    init_from, model = c.init_from, c.model
-    c = shrink(c)
-    c.init_from, c.model = init_from, model
-  return c
+  return shrink(c) if args.get("shrink") else c

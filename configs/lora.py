@@ -31,11 +31,7 @@ def get_config(arg=None):
                      targets=args.get("targets", "all-linear").replace("+", ","),
                      dropout=float(args.get("dropout", 0.0)),
                      quantize=args.get("quantize", "none")))
-  c.model.remat = args.get("remat", "full")
+  c.remat = args.get("remat", "full")
   c.optimizer.update(dict(lr=2e-4, weight_decay=0.0, warmup_steps=50, schedule="cosine"))
   c.train.update(dict(steps=1000, log_every=10, eval_every=200, checkpoint_every=200))
-  if args.get("shrink"):
-    init_from, model, lora = c.init_from, c.model, c.lora
-    c = shrink(c)
-    c.init_from, c.model, c.lora = init_from, model, lora
-  return c
+  return shrink(c) if args.get("shrink") else c

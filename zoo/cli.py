@@ -265,7 +265,7 @@ def cmd_generate(args) -> int:
 def cmd_eval(args) -> int:
   import json
 
-  from zoo.infer.evaluate import documents, perplexity
+  from zoo.infer.evaluate import compressed_bits_per_byte, documents, perplexity
   model, tokenizer = _load_for_inference(args)
   if tokenizer is None:
     raise ZooError(f"eval: {args.checkpoint} has no tokenizer (tokenizer.json or "
@@ -278,11 +278,15 @@ def cmd_eval(args) -> int:
                    f"{model.config.max_position_embeddings}")
   result = perplexity(model, tokenizer, source, seq_len=seq_len, batch_size=args.batch_size,
                       add_bos=not args.no_bos, progress=not args.json)
+  result["compressed_bits_per_byte"] = compressed_bits_per_byte(source)
   if args.json:
     print(json.dumps(result))
   else:
+    baseline = result["compressed_bits_per_byte"]
     print(f"perplexity {result['perplexity']:.4f} (mean NLL {result['nll']:.6f} nats over "
           f"{result['tokens']} tokens, {result['documents']} documents)")
+    print(f"bits per byte {result['bits_per_byte']:.4f} over {result['bytes']} bytes (the "
+          f"same documents: gzip -9 {baseline['gzip']:.4f}, xz -9e {baseline['xz']:.4f})")
   return 0
 
 
@@ -343,9 +347,10 @@ def train_main(argv: list[str]) -> int:
   print(f"trained {summary['step']} steps in {workdir}")
   if "first_eval_loss" in summary:
     print(f"eval loss: {summary['first_eval_loss']:.3f} (first eval) -> "
-          f"{summary['eval_loss']:.3f} (last)")
+          f"{summary['eval_loss']:.3f} (last); bits per byte: {summary['first_eval_bpb']:.3f} "
+          f"-> {summary['eval_bpb']:.3f}")
   if "sample" in summary:
-    print(f"sample: {summary['sample']!r}")
+    print("sample:\n    " + summary["sample"].replace("\n", "\n    "))
   for key in ("checkpoints", "model", "adapter", "peft_adapter", "tensorboard", "plot",
               "metrics"):
     if key in summary:

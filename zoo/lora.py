@@ -27,9 +27,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from zoo import sharding
 from zoo.convert.tensors import read_json
 from zoo.errors import ZooError
 from zoo.layers.linear import Embed, Linear
+from zoo.models.config import LlamaConfig
+from zoo.models.llama import abstract_model
 
 ADAPTER_META = "zoo_adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -436,3 +439,28 @@ def _read_peft(directory: str, model) -> tuple[LoraSpec, dict[str, np.ndarray]]:
 __all__ = ["LoraSpec", "add_lora", "adapted_paths", "lora_state", "merge", "unmerge",
            "merged_params", "merged_model", "save_adapter", "read_adapter", "load_adapter", "attach",
            "save_peft", "write_peft", "adapter_to_peft", "is_adapter"]
+
+
+@dataclasses.dataclass
+class LoraTrees:
+  """A LoRA model split for training. `graphdef` merges the two trees back into the model;
+  `adapters` are the adapters' initial values (the trained tree); `base` is the frozen base,
+  here shape-only (jax.ShapeDtypeStruct leaves) until it is read from a checkpoint. Each tree
+  comes with its shardings by the rules table."""
+  graphdef: nnx.GraphDef
+  adapters: dict
+  adapter_shardings: dict
+  base: dict
+  base_shardings: dict
+
+
+def split_for_training(config: LlamaConfig, spec: LoraSpec, mesh: jax.sharding.Mesh, rules, *,
+                       seed: int = 0, **model_kwargs) -> LoraTrees:
+  """Adds adapters to an abstract (shape-only) model of `config` and splits it, so the base is
+  never built at random: the caller reads it from a checkpoint into `base`'s shapes."""
+  model = abstract_model(config, **model_kwargs)
+  add_lora(model, spec, seed=seed)
+  graphdef, adapters, base = nnx.split(model, nnx.LoRAParam, nnx.Param)
+  return LoraTrees(graphdef, nnx.to_pure_dict(adapters),
+                   sharding.variable_shardings(adapters, mesh, rules), nnx.to_pure_dict(base),
+                   sharding.variable_shardings(base, mesh, rules))

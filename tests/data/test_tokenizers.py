@@ -13,7 +13,7 @@ import sentencepiece as spm
 import tiktoken
 
 from zoo.data.tokenizers import (HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer,
-                                 Tokenizer, load_tokenizer, train_sentencepiece)
+                                 Tokenizer, load_tokenizer, token_bytes, train_sentencepiece)
 from zoo.errors import ZooError
 
 STDLIB = sysconfig.get_paths()["stdlib"]
@@ -229,3 +229,30 @@ def test_bad_tokenizer_files(tmp_path, tiktoken_path):
   for path, message in cases:
     with pytest.raises(ZooError, match=message):
       load_tokenizer(str(path))
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tiktoken", "hf"])
+def test_token_bytes_add_up_to_the_text(kind, sp_path, tiktoken_path, hf_dir):
+  """The bytes per token (the denominator of bits per byte) add up, over any text's tokens, to
+  the UTF-8 bytes of the text the tokenizer's own decoder gives back (SentencePiece: plus the
+  space it puts before the text when the model adds a dummy prefix)."""
+  tok = {"sentencepiece": lambda: SentencePieceTokenizer(open(sp_path, "rb").read(), sp_path),
+         "tiktoken": lambda: load_tokenizer(tiktoken_path),
+         "hf": lambda: load_tokenizer(str(hf_dir / "tokenizer.json"))}[kind]()
+  table = token_bytes(tok)
+  assert table.shape == (tok.vocab_size,)
+  for special in (tok.bos_id, tok.eos_id):
+    if special is not None:
+      assert table[special] == 0
+  for text in [*SAMPLES, *corpus()]:
+    if kind == "hf" and "<s>" in text:
+      continue  # tokenizer.json turns "<s>" into the special id, a control token of 0 bytes
+    ids = tok.encode(text)
+    decoded = tok.decode(ids).encode("utf-8")
+    if kind != "sentencepiece":
+      assert decoded == text.encode("utf-8")
+    prefix = 0
+    if kind == "sentencepiece" and ids:
+      first = spm.SentencePieceProcessor(model_file=sp_path).id_to_piece(ids[0])
+      prefix = int(first.startswith("\u2581") and not text.startswith(" "))
+    assert int(table[ids].sum()) == len(decoded) + prefix, text[:40]

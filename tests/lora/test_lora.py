@@ -19,7 +19,7 @@ from tests.conftest import hf_logits, hf_model, tokens
 from zoo import lora, sharding
 from zoo.errors import ZooError
 from zoo.train.optim import make_optimizer
-from zoo.train.step import make_train_step
+from zoo.train.step import init_state, make_train_step
 
 ALL = ("all-linear", "lm_head", "embed_tokens")
 
@@ -141,13 +141,12 @@ def test_lora_step_trains_only_the_adapters(save_hf):
                  jax.tree_util.tree_flatten_with_path(base)[0])
   tx, schedule = make_optimizer(dict(name="adamw", lr=1e-2, schedule="constant",
                                      warmup_steps=0), 100)
-  state = {"step": jnp.zeros((), jnp.int32), "params": adapters, "opt_state": tx.init(adapters),
-           "rng": jnp.zeros(2, jnp.uint32)}
+  state = init_state(adapters, tx, seed=0)
   # optimizer state exists only for the adapters: AdamW's two moments of each
   n_adapter = len(jax.tree.leaves(adapters))
   assert sum(x.ndim == 2 for x in jax.tree.leaves(state["opt_state"])) == 2 * n_adapter
   batch = lm_batch(4, 32)
-  step = jax.jit(make_train_step(graphdef, tx, schedule, frozen=True), donate_argnums=0)
+  step = jax.jit(make_train_step(graphdef, tx, schedule), donate_argnums=0)
   base_before = jax.tree.map(np.array, base)
   adapters_before = jax.tree.map(np.array, adapters)
   losses = []
@@ -160,8 +159,8 @@ def test_lora_step_trains_only_the_adapters(save_hf):
   changed = [np.abs(np.asarray(a) - b).max() > 0 for a, b in
              zip(jax.tree.leaves(state["params"]), jax.tree.leaves(adapters_before))]
   assert all(changed)
-  with pytest.raises(ValueError, match="frozen base"):
-    make_train_step(graphdef, tx, schedule, frozen=True)(state, batch)
+  with pytest.raises(ValueError, match="base"):
+    make_train_step(graphdef, tx, schedule)(state, batch)
 
 
 def test_lora_dropout_matches_peft_with_the_same_masks(save_hf, tmp_path):
@@ -220,13 +219,11 @@ def test_lora_dropout_in_the_train_step(save_hf):
   batch = lm_batch(4, 32)
 
   def state(step=0):
-    return {"step": jnp.asarray(step, jnp.int32), "params": adapters,
-            "opt_state": tx.init(adapters),
-            "rng": jax.random.key_data(jax.random.key(1))}
+    return dict(init_state(adapters, tx, seed=0), step=jnp.asarray(step, jnp.int32))
 
   losses = {}
   for dropout, accum in ((False, 1), (True, 1), (True, 2)):
-    step = jax.jit(make_train_step(graphdef, tx, schedule, frozen=True, dropout=dropout,
+    step = jax.jit(make_train_step(graphdef, tx, schedule, dropout=dropout,
                                    grad_accum=accum))
     losses[dropout, accum] = [float(step(state(s), batch, base)[1]["loss"]) for s in (0, 0, 1)]
   plain, drop, drop_accum = losses[False, 1], losses[True, 1], losses[True, 2]
@@ -322,9 +319,8 @@ def test_qlora_step_tracks_the_bf16_base(save_hf):
       ratio[kind] = sum(map(nbytes, q)) / sum(map(bf16_bytes, q))
     tx, schedule = make_optimizer(dict(name="adamw", lr=1e-2, schedule="constant",
                                        warmup_steps=0), 100)
-    state = {"step": jnp.zeros((), jnp.int32), "params": adapters,
-             "opt_state": tx.init(adapters), "rng": jnp.zeros(2, jnp.uint32)}
-    step = jax.jit(make_train_step(graphdef, tx, schedule, frozen=True))
+    state = init_state(adapters, tx, seed=0)
+    step = jax.jit(make_train_step(graphdef, tx, schedule))
     losses[kind] = []
     for _ in range(10):
       state, metrics = step(state, batch, base)
@@ -351,9 +347,8 @@ def lora_step_temp_bytes(quantize, remat):
   if quantize != "none":
     base = quantize_tree(base, quantize)
   tx = optax.adamw(1e-3)
-  state = {"step": jnp.zeros((), jnp.int32), "params": adapters,
-           "opt_state": tx.init(adapters), "rng": jnp.zeros(2, jnp.uint32)}
-  step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(1e-3), frozen=True))
+  state = init_state(adapters, tx, seed=0)
+  step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(1e-3)))
   layer_kernels = 4 * (4 * 256 * 256 + 3 * 256 * 1024)  # one layer's weights in float32
   compiled = step.lower(state, lm_batch(4, 64), base).compile()
   return compiled.memory_analysis().temp_size_in_bytes, layer_kernels
@@ -397,9 +392,8 @@ def test_quantized_base_is_sharded_by_the_rules(save_hf):
   batch = lm_batch(8, 32)
   losses = []
   for base_tree in (base, placed):
-    state = {"step": jnp.zeros((), jnp.int32), "params": adapters,
-             "opt_state": tx.init(adapters), "rng": jnp.zeros(2, jnp.uint32)}
-    step = jax.jit(make_train_step(graphdef, tx, schedule, frozen=True))
+    state = init_state(adapters, tx, seed=0)
+    step = jax.jit(make_train_step(graphdef, tx, schedule))
     run = []
     for _ in range(3):
       state, metrics = step(state, batch, base_tree)

@@ -12,7 +12,8 @@ from zoo import sharding
 from zoo.errors import ZooError
 from zoo.models.llama import Llama, abstract_model
 from zoo.models.presets import get_preset
-from zoo.train.step import batch_sums, make_train_step
+from zoo.models.loss import loss_sums
+from zoo.train.step import forward, init_state, make_train_step, state_shardings
 
 CONFIG = get_preset("tiny_llama", vocab_size=256, hidden_size=64, num_heads=8, num_kv_heads=8,
                     intermediate_size=128, initializer_range=0.1)
@@ -40,7 +41,7 @@ def init_params(seed=0):
 def test_loss_is_weighted_cross_entropy_plus_z_loss():
   graphdef = nnx.split(abstract_model(CONFIG))[0]
   params, batch = init_params(), random_batch(0)
-  objective, (nll, weight) = batch_sums(graphdef, params, batch, z_loss=1e-3)
+  objective, nll, weight = loss_sums(forward(graphdef, params, batch), batch, z_loss=1e-3)
   logits = nnx.merge(graphdef, params)(batch["tokens"], batch["positions"],
                                        batch["segment_ids"])
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
@@ -57,8 +58,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   tx = optax.sgd(1.0)
   schedule = optax.constant_schedule(1.0)
   params = init_params()
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-           "rng": jnp.zeros(2, jnp.uint32)}
+  state = init_state(params, tx, seed=0)
   batch = random_batch(1)
   one, m1 = jax.jit(make_train_step(graphdef, tx, schedule))(state, batch)
   four, m4 = jax.jit(make_train_step(graphdef, tx, schedule, grad_accum=4))(state, batch)
@@ -80,12 +80,8 @@ def run_steps(mesh_shape, steps=5, remat="none"):
   params_sh = sharding.param_shardings(model, mesh, rules)
   rep = sharding.replicated(mesh)
   params = jax.device_put(init_params(), params_sh)
-  opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), params_sh,
-                                 transform_non_params=lambda _: rep)
-  shardings = {"step": rep, "params": params_sh, "opt_state": opt_sh, "rng": rep}
-  state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params),
-           "rng": jnp.zeros(2, jnp.uint32)}
+  shardings = state_shardings(tx, params, params_sh, rep)
+  state = jax.jit(lambda p: init_state(p, tx, seed=0), out_shardings=shardings)(params)
   batch_sh = sharding.batch_sharding(mesh, rules)
   step = jax.jit(make_train_step(graphdef, tx, optax.constant_schedule(3e-3)),
                  in_shardings=(shardings, batch_sh), out_shardings=(shardings, rep),
@@ -131,7 +127,7 @@ def test_full_remat_on_a_mesh(single_device_losses):
 
 def layer_grads(remat, batch):
   graphdef = nnx.split(abstract_model(CONFIG, remat=remat))[0]
-  grad = jax.jit(jax.grad(lambda p: batch_sums(graphdef, p, batch, z_loss=1e-3)[0]))
+  grad = jax.jit(jax.grad(lambda p: loss_sums(forward(graphdef, p, batch), batch, z_loss=1e-3)[0]))
   return grad(init_params())
 
 
@@ -149,7 +145,7 @@ def step_temp_bytes(config, remat, batch):
   """XLA's temporary buffer size for a full fine-tuning step's gradient (compile only)."""
   graphdef, params = nnx.split(abstract_model(config, remat=remat), nnx.Param)
   params = nnx.to_pure_dict(params)
-  grad = jax.jit(jax.grad(lambda p, b: batch_sums(graphdef, p, b, z_loss=0.0)[0]))
+  grad = jax.jit(jax.grad(lambda p, b: loss_sums(forward(graphdef, p, b), b)[0]))
   return grad.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
 
 

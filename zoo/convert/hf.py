@@ -4,8 +4,9 @@ The weight map is a table: HF name, zoo name, whether the matrix is transposed (
 [out, in], zoo [in, out]) and, for Mixtral's experts, which slice of the stacked zoo tensor an
 HF tensor is. Config reading is strict: a field that changes what transformers computes and that
 zoo does not implement is an error naming the field. Both the transformers 4.x layout
-(`rope_theta`, `rope_scaling`) and the 5.x one (`rope_parameters`) are accepted; we write the
-4.x layout, which transformers 5.x, vLLM and llama.cpp's converter all read.
+(`rope_theta`, `rope_scaling`) and the 5.x one (`rope_parameters`) are accepted, and a file that
+holds both is read as transformers 5.x reads it; we write the 4.x layout, which transformers
+5.x, vLLM and llama.cpp's converter all read.
 """
 
 from __future__ import annotations
@@ -49,10 +50,13 @@ def _unsupported(field: str, value: Any, why: str = "") -> ZooError:
 
 
 def _rope_from_hf(cfg: dict, family: str, max_len: int) -> tuple[float, RopeScaling | None]:
-  if cfg.get("rope_parameters") is not None:
-    field, rope = "rope_parameters", dict(cfg["rope_parameters"])
+  # As transformers 5.x reads a config.json that holds both layouts: a non-empty `rope_scaling`
+  # replaces `rope_parameters` whole (its rope_theta included); a theta inside the dict wins
+  # over the top-level `rope_theta`, and `rope_type` over the older `type`.
+  if cfg.get("rope_scaling"):
+    field, rope = "rope_scaling", dict(cfg["rope_scaling"])
   else:
-    field, rope = "rope_scaling", dict(cfg.get("rope_scaling") or {})
+    field, rope = "rope_parameters", dict(cfg.get("rope_parameters") or {})
   for key, value in rope.items():
     if isinstance(value, dict):
       raise _unsupported(f"{field}.{key}", "...", "per-layer-type rope parameters")

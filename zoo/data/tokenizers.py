@@ -16,6 +16,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
 from zoo.errors import ZooError
 
 
@@ -34,6 +36,33 @@ class Tokenizer(Protocol):
   def decode(self, ids: Iterable[int]) -> str:
     """The text of `ids`; special tokens keep their text where the format has one."""
     ...
+
+
+SP_SPACE = "\u2581"  # how SentencePiece spells a space inside a piece
+
+
+def byte_level_alphabet() -> list[str]:
+  """The character byte-level BPE writes for each byte 0..255: printable Latin-1 characters
+  stand for themselves, the other bytes for the code points from 256 up, in order."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+  out, extra = [], 0
+  for b in range(256):
+    if b in printable:
+      out.append(chr(b))
+    else:
+      out.append(chr(256 + extra))
+      extra += 1
+  return out
+
+
+def token_bytes(tokenizer: Tokenizer) -> np.ndarray:
+  """[vocab_size] int32: how many bytes of UTF-8 text each token stands for (0 for control
+  and special tokens), the denominator of bits per byte. A token that is part of a character
+  counts its own bytes."""
+  if hasattr(tokenizer, "token_bytes"):
+    return tokenizer.token_bytes()
+  return np.array([len(tokenizer.decode([i]).encode("utf-8"))
+                   for i in range(tokenizer.vocab_size)], np.int32)
 
 
 class SentencePieceTokenizer:
@@ -57,6 +86,16 @@ class SentencePieceTokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._sp.decode([int(i) for i in ids])
+
+  def token_bytes(self) -> np.ndarray:
+    sp = self._sp
+    out = np.zeros(self.vocab_size, np.int32)
+    for i in range(self.vocab_size):
+      if sp.is_byte(i):
+        out[i] = 1
+      elif not (sp.is_control(i) or sp.is_unknown(i)):
+        out[i] = len(sp.id_to_piece(i).replace(SP_SPACE, " ").encode("utf-8"))
+    return out
 
   def __repr__(self):
     return f"SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size})"
@@ -119,6 +158,11 @@ class TiktokenTokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     return self._enc.decode([int(i) for i in ids])
 
+  def token_bytes(self) -> np.ndarray:
+    specials = set(self.special_tokens.values())
+    return np.array([0 if i in specials else len(self._enc.decode_single_token_bytes(i))
+                     for i in range(self.vocab_size)], np.int32)
+
   def __repr__(self):
     return f"TiktokenTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
@@ -174,6 +218,24 @@ class HFTokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+  def token_bytes(self) -> np.ndarray:
+    specials = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+    # Byte-level BPE (LLaMA 3, Qwen2) spells each byte as one printable character; other
+    # models spell a space as SP_SPACE and unknown bytes as <0xNN> pieces.
+    chars = {c: b for b, c in enumerate(byte_level_alphabet())}
+    out = np.zeros(self.vocab_size, np.int32)
+    for i in range(self.vocab_size):
+      token = self._tok.id_to_token(i)
+      if token is None or i in specials:
+        continue
+      if all(c in chars for c in token):
+        out[i] = len(token)
+      elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+        out[i] = 1
+      else:
+        out[i] = len(token.replace(SP_SPACE, " ").encode("utf-8"))
+    return out
 
   def __repr__(self):
     return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"

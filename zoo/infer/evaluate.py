@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import gzip
+import lzma
 import math
 import os
 
@@ -13,7 +15,7 @@ from flax import nnx
 from zoo.data.pipeline import make_batches
 from zoo.data.sources import match_files, read_documents
 from zoo.errors import ZooError
-from zoo.train.step import batch_sums
+from zoo.models.loss import loss_sums
 
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".py", ".md", ".text")
@@ -43,15 +45,31 @@ def documents(data: str, *, split: str = "validation", data_dir: str | None = No
 
 
 def _eval_step(graphdef, params, batch):
-  _, (nll, weight) = batch_sums(graphdef, params, batch, 0.0)
+  model = nnx.merge(graphdef, params)
+  _, nll, weight = loss_sums(model(batch["tokens"], batch["positions"], batch["segment_ids"]),
+                             batch)
   return nll, weight
+
+
+def compressed_bits_per_byte(source) -> dict:
+  """What general-purpose compressors make of the same documents, each compressed on its own:
+  {"gzip": gzip -9, "xz": xz -9e} in bits per byte of UTF-8 text, the baselines a language
+  model's bits per byte is read against."""
+  texts = [source[i]["text"].encode("utf-8") for i in range(len(source))]
+  total = max(sum(map(len, texts)), 1)
+  return {
+      "gzip": 8 * sum(len(gzip.compress(t, compresslevel=9, mtime=0)) for t in texts) / total,
+      "xz": 8 * sum(len(lzma.compress(t, preset=9 | lzma.PRESET_EXTREME)) for t in texts) / total,
+  }
 
 
 def perplexity(model, tokenizer, source, *, seq_len: int, batch_size: int = 8,
                add_bos: bool = True, progress: bool = False) -> dict:
   """Mean per-token negative log-likelihood over every document of `source` (each starting
   with BOS when the tokenizer has one and add_bos), cut into rows of `seq_len` predictions,
-  and its exp (perplexity). Returns {"nll", "perplexity", "tokens", "documents"}."""
+  its exp (perplexity), and the same total in bits per byte of the documents' UTF-8 text,
+  which does not depend on the tokenizer. Returns {"nll", "perplexity", "bits_per_byte",
+  "tokens", "bytes", "documents"}."""
   if seq_len < 1 or batch_size < 1:
     raise ZooError("seq_len and batch_size must be positive")
   add_bos = add_bos and tokenizer.bos_id is not None
@@ -78,8 +96,10 @@ def perplexity(model, tokenizer, source, *, seq_len: int, batch_size: int = 8,
   if count == 0:
     raise ZooError("the data has no token to predict (every document is one token long)")
   mean = nll_sum / count
-  return {"nll": mean, "perplexity": math.exp(min(mean, 700.0)), "tokens": int(count),
-          "documents": len(source)}
+  num_bytes = sum(len(source[i]["text"].encode("utf-8")) for i in range(len(source)))
+  return {"nll": mean, "perplexity": math.exp(min(mean, 700.0)),
+          "bits_per_byte": nll_sum / math.log(2) / max(num_bytes, 1), "tokens": int(count),
+          "bytes": num_bytes, "documents": len(source)}
 
 
-__all__ = ["documents", "perplexity"]
+__all__ = ["compressed_bits_per_byte", "documents", "perplexity"]

@@ -1,4 +1,5 @@
-"""Training checkpoints with orbax: the train state, the data iterator and run metadata together.
+"""Training checkpoints with orbax (the train state, the data iterator and run metadata
+together), and reading a model checkpoint's weights into a train state's tree.
 
 Saves are asynchronous (training goes on while the arrays are written) and atomic (orbax writes
 into a temporary directory and renames it), so a run killed at any moment leaves only complete
@@ -15,13 +16,18 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from zoo import sharding
+from zoo.convert.checkpoint import Checkpoint
 from zoo.errors import ZooError
+from zoo.layers.quant import is_quantized
 
 # Phrases of orbax's errors for a restore target that does not fit the saved tree.
 _MISMATCH = ("tree structures do not match", "Requested shape", "shape mismatch")
@@ -113,3 +119,24 @@ class Checkpointer:
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def load_tree(path: str, abstract: dict, shardings: dict,
+              convert: Callable[[str, np.ndarray], Any] | None = None) -> dict:
+  """A model checkpoint's parameters (zoo or HF, see zoo.convert.Checkpoint) in the structure
+  of `abstract` (a pure dict of ShapeDtypeStructs), read one tensor at a time, cast to each
+  leaf's dtype, passed through `convert(name, array)` if given (QLoRA quantizes there), and
+  placed by `shardings` (a quantized leaf by sharding.quantized_sharding). The process never
+  holds more than the placed tree and one tensor in flight."""
+  ckpt = Checkpoint(path)
+
+  def one(key_path, leaf, leaf_sharding):
+    name = ".".join(str(k.key) for k in key_path)
+    value = np.asarray(ckpt.read(name)).astype(leaf.dtype)
+    if convert is not None:
+      value = convert(name, value)
+    if is_quantized(value):
+      leaf_sharding = sharding.quantized_sharding(value, leaf_sharding)
+    return jax.device_put(value, leaf_sharding)
+
+  return jax.tree_util.tree_map_with_path(one, abstract, shardings)

@@ -7,10 +7,17 @@ makes any config small enough to run a step on a laptop CPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from zoo.errors import ZooError
+from zoo.models.config import LlamaConfig
 from zoo.sharding import DEFAULT_RULES
+from zoo.train.optim import default_config as optimizer_defaults
+
+# What `model.*` may hold: a preset name and LlamaConfig fields to override in it.
+MODEL_FIELDS = ("preset", *(f.name for f in dataclasses.fields(LlamaConfig)))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -47,11 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
       # the batches, and the data position in checkpoints, do not depend on the process count).
       shard="documents",
   ))
-  c.optimizer = ml_collections.ConfigDict(dict(
-      name="adamw", lr=3e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
-      schedule="cosine", warmup_steps=20, min_lr_ratio=0.1, grad_clip=1.0,
-      decay_norms_and_biases=False,
-  ))
+  c.optimizer = optimizer_defaults()
   c.train = ml_collections.ConfigDict(dict(
       steps=100,
       schedule_steps=0,  # length of the lr schedule; 0: train.steps
@@ -65,8 +68,13 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=2,
       async_checkpoints=True,
       peak_flops=0.0,  # the hardware's total FLOP/s for MFU; 0: measure a matmul here
+      # The end-of-run sample: sample_tokens new tokens after sample_prompt, drawn at
+      # sample_temperature (0: greedy) and sample_top_p with sample_seed.
       sample_prompt="def ",
       sample_tokens=48,
+      sample_temperature=0.8,
+      sample_top_p=0.95,
+      sample_seed=0,
   ))
   # LoRA (rank > 0): train low-rank adapters on the frozen init_from checkpoint; the base may be
   # held quantized (QLoRA: int8 or nf4, block-wise scales) and is dequantized inside the step.
@@ -114,13 +122,17 @@ def check_args(args: dict, allowed: set[str], config_name: str):
 
 
 def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The same experiment at a size that runs a step in seconds on a CPU."""
-  c.model = ml_collections.ConfigDict({
-      "preset": c.model.preset, "vocab_size": 0, "hidden_size": 64, "intermediate_size": 128,
-      "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16})
+  """The same experiment at a size that runs a step in seconds on a CPU. A fine-tuning config
+  (init_from set) keeps its checkpoint's model and tokenizer: only the run gets shorter."""
+  tuned = bool(c.init_from)
+  if not tuned:
+    c.model = ml_collections.ConfigDict({
+        "preset": c.model.preset, "vocab_size": 0, "hidden_size": 64, "intermediate_size": 128,
+        "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16})
+  if not (tuned or c.data.tokenizer):
+    c.data.vocab_size = 512
   c.data.seq_len = 64
   c.data.batch_size = 8
-  c.data.vocab_size = 512
   c.train.steps = 2
   c.train.log_every = 1
   c.train.eval_every = 2
@@ -130,3 +142,61 @@ def shrink(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.peak_flops = 1e12
   c.optimizer.warmup_steps = 1
   return c
+
+
+def _flatten(c, prefix="") -> dict:
+  out = {}
+  for key, value in c.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def _differs(value, default) -> bool:
+  def plain(x):
+    return tuple(map(plain, x)) if isinstance(x, (list, tuple)) else x
+  return plain(value) != plain(default)
+
+
+def check_config(config: ml_collections.ConfigDict):
+  """Raises ZooError naming the first field that nothing would read: a field base_config()
+  does not have, a `model.*` that is not a LlamaConfig field, and a set field that the rest of
+  the config makes moot (model.* with init_from, lora.* with lora.rank 0, data fields of
+  another source or of a tokenizer that is not trained)."""
+  defaults = _flatten(base_config())
+  values = _flatten(config)
+  for name in values:
+    section, _, field = name.partition(".")
+    if section == "model":
+      if field not in MODEL_FIELDS:
+        hint = (f" ({field} is a top-level field: --config.{field})"
+                if f"{field}" in defaults else "")
+        raise ZooError(f"model.{field} is not a model field{hint}; model.* takes preset and "
+                       f"the fields of LlamaConfig")
+    elif name not in defaults:
+      raise ZooError(f"unknown config field {name}")
+
+  def set_(name):
+    return name in values and _differs(values[name], defaults.get(name))
+
+  if config.init_from:
+    for name in values:
+      if name.startswith("model.") and set_(name):
+        raise ZooError(f"{name} is set, but init_from takes the model from the checkpoint "
+                       f"(only dtype, param_dtype, remat and moe_impl apply)")
+  if not config.lora.rank:
+    for name in values:
+      if name.startswith("lora.") and name != "lora.rank" and set_(name):
+        raise ZooError(f"{name} is set, but lora.rank is 0 (no LoRA)")
+  source = config.data.source
+  for name, needs in (("data.files", "files"), ("data.tfds_name", "tfds")):
+    if set_(name) and source != needs:
+      raise ZooError(f"{name} is set, but data.source is {source!r}, not {needs!r}")
+  if set_("data.vocab_size") and (config.data.tokenizer or config.init_from):
+    where = "data.tokenizer" if config.data.tokenizer else "init_from"
+    raise ZooError(f"data.vocab_size is set, but the tokenizer comes from {where}")
+  if set_("data.chat_template") and config.data.format != "instruct":
+    raise ZooError("data.chat_template is set, but data.format is not 'instruct'")

@@ -14,7 +14,12 @@ import os
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tensorboardX import SummaryWriter
 
 from zoo.errors import ZooError
 from zoo.models.config import LlamaConfig
@@ -124,20 +129,27 @@ class MetricsWriter:
 
   def _tensorboard(self):
     if self._tb is None:
-      from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(self.tensorboard_dir, purge_step=self._purge_step)
     return self._tb
 
 
+def smooth(values: list[float], weight: float) -> list[float]:
+  """An exponential moving average with bias correction (as TensorBoard smooths): the first
+  points are not pulled towards zero."""
+  out, avg = [], 0.0
+  for i, v in enumerate(values):
+    avg = weight * avg + (1 - weight) * v
+    out.append(avg / (1 - weight ** (i + 1)))
+  return out
+
+
 def plot_losses(metrics_jsonl_path: str, png_path: str) -> None:
-  """A PNG of train "loss" (and "eval_loss" where logged) against step, from a metrics log.
+  """A PNG of the train loss at every step (faint) and smoothed, with the eval loss points,
+  against step, from a metrics log.
 
   Drawn with matplotlib's Agg canvas (no display needed) into a temporary file, then renamed
   into place, so a reader never sees half a PNG.
   """
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
   if not os.path.exists(metrics_jsonl_path):
     raise ZooError(f"no metrics log at {metrics_jsonl_path}")
   series: dict[str, dict[int, float]] = {"loss": {}, "eval_loss": {}}
@@ -149,12 +161,20 @@ def plot_losses(metrics_jsonl_path: str, png_path: str) -> None:
   fig = Figure(figsize=(8, 5), dpi=100)
   FigureCanvasAgg(fig)
   ax = fig.add_subplot()
-  for key, label, style in (("loss", "train loss", "-"), ("eval_loss", "eval loss", "o-")):
-    if series[key]:
-      steps = sorted(series[key])
-      ax.plot(steps, [series[key][s] for s in steps], style, label=label)
+  train = series["loss"]
+  if train:
+    steps = sorted(train)
+    values = [train[s] for s in steps]
+    # about a fiftieth of the run per time constant: the trend without hiding a spike
+    weight = 1 - 1 / max(1.0, len(steps) / 50)
+    ax.plot(steps, values, "-", color="tab:blue", alpha=0.25, linewidth=0.8)
+    ax.plot(steps, smooth(values, weight), "-", color="tab:blue", label="train loss")
+  if series["eval_loss"]:
+    steps = sorted(series["eval_loss"])
+    ax.plot(steps, [series["eval_loss"][s] for s in steps], "o-", color="tab:orange",
+            label="eval loss")
   ax.set_xlabel("step")
-  ax.set_ylabel("loss")
+  ax.set_ylabel("loss (nats per token)")
   ax.grid(alpha=0.3)
   if any(series.values()):
     ax.legend()
@@ -204,9 +224,6 @@ def measure_peak_flops(n: int = 2048, repeats: int = 3) -> dict[str, float | Non
   fastest; JAX runs jitted on the default device at default precision and is waited for.
   Returns {"peak_flops": best, "jax": ..., "numpy": ..., "torch": ... or None without torch}.
   """
-  import jax
-  import jax.numpy as jnp
-
   flops = 2.0 * n ** 3
   rng = np.random.default_rng(0)
   a = rng.standard_normal((n, n), dtype=np.float32)

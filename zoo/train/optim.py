@@ -30,7 +30,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The optimizer section with every field at its default."""
+  """The optimizer section with every field at its default: the one table of them (the
+  training config's `optimizer` section starts from it)."""
   return ml_collections.ConfigDict(dict(
       name="adamw", lr=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, schedule="cosine",
       warmup_steps=100, min_lr_ratio=0.1, grad_clip=1.0, decay_norms_and_biases=False))
@@ -39,9 +40,10 @@ def default_config() -> ml_collections.ConfigDict:
 def _fields(opt, total_steps) -> dict[str, Any]:
   """The section's values over the defaults, checked; a bad value names its field."""
   values = default_config().to_dict()
-  for key in values:
-    if key in opt:
-      values[key] = opt[key]
+  for key in opt.keys():
+    if key not in values:
+      raise ZooError(f"unknown optimizer field optimizer.{key} (fields: {', '.join(values)})")
+    values[key] = opt[key]
   v = values
 
   def need(ok, field, msg):

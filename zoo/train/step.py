@@ -1,8 +1,13 @@
-"""The pure train step and eval step.
+"""The train state, the pure train step and the eval step.
 
 The train state is a plain pytree, {"step", "params", "opt_state", "rng"}, with params a pure
-dict shaped like the model's NNX state. `train_step(state, batch) -> (state, metrics)` has no
-side effects; the loop jits it with explicit shardings and donates the state.
+dict shaped like the model's NNX state (for LoRA: the adapter tree). `init_state` makes one;
+`train_step(state, batch[, base]) -> (state, metrics)` has no side effects; the loop jits it
+with explicit shardings and donates the state.
+
+LoRA: `graphdef` comes from `nnx.split(model, nnx.LoRAParam, nnx.Param)`, the state's params
+are the adapters, and the frozen `base` tree is an extra input of every step: read, never
+differentiated, updated or returned.
 """
 
 from __future__ import annotations
@@ -14,62 +19,72 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-Batch = dict[str, jax.Array]
+from zoo.lora import set_dropout_rng
+from zoo.models.loss import Batch, byte_sum, loss_sums
+
 State = dict[str, Any]
 
 
-def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-token negative log-likelihood and log-partition, both float32 [B, T]."""
-  logits = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return log_z - target_logit, log_z
+def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> State:
+  """Step 0 of training `params` with `tx`: a fresh optimizer state and the run's RNG (the
+  key that LoRA dropout folds each step into)."""
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+          "rng": jax.random.key_data(jax.random.key(seed + 1))}
 
 
-def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch, frozen: dict | None = None,
+def state_shardings(tx: optax.GradientTransformation, params: dict, param_shardings: dict,
+                    replicated: jax.sharding.Sharding) -> State:
+  """The shardings of `init_state(params, tx, ...)`: optimizer statistics follow their
+  parameter; factored ones (Adafactor's, not the parameter's shape) and scalars replicate.
+  `params` may be abstract (ShapeDtypeStructs)."""
+  abstract_opt = jax.eval_shape(tx.init, params)
+
+  def like_param(leaf, param_sharding, param):
+    return param_sharding if getattr(leaf, "shape", None) == param.shape else replicated
+
+  opt = optax.tree_map_params(tx, like_param, abstract_opt, param_shardings, params,
+                              transform_non_params=lambda _: replicated)
+  return {"step": replicated, "params": param_shardings, "opt_state": opt, "rng": replicated}
+
+
+def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch, base: dict | None = None,
             dropout_rng: jax.Array | None = None) -> jax.Array:
-  """Logits of the model `graphdef` with `params` (and, for LoRA, the frozen base tree; with
+  """Logits [B, T, V] of the model `graphdef` with `params` (and the LoRA base; with
   `dropout_rng`, LoRA dropout on)."""
-  model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+  trees = (params,) if base is None else (params, base)
+  try:
+    model = nnx.merge(graphdef, *trees)
+  except ValueError as e:
+    raise ValueError(f"the parameters do not fill the model graph ({str(e).splitlines()[0]}); "
+                     "a LoRA step takes the frozen base tree as its third argument") from None
   if dropout_rng is not None:
-    from zoo.lora import set_dropout_rng
     set_dropout_rng(model, dropout_rng)
   return model(batch["tokens"], batch["positions"], batch["segment_ids"])
 
 
-def batch_sums(graphdef, params, batch: Batch, z_loss: float, frozen: dict | None = None,
-               dropout_rng: jax.Array | None = None):
-  """(objective sum, (nll sum, weight sum)) over a batch; per-token weights mask the loss."""
-  nll, log_z = token_losses(forward(graphdef, params, batch, frozen, dropout_rng),
-                            batch["targets"])
-  w = batch["weights"].astype(jnp.float32)
-  nll_sum = jnp.sum(nll * w)
-  objective = nll_sum + z_loss * jnp.sum(jnp.square(log_z) * w)
-  return objective, (nll_sum, jnp.sum(w))
-
-
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, z_loss: float = 0.0, grad_accum: int = 1,
-                    frozen: bool = False, dropout: bool = False):
+                    dropout: bool = False):
   """The train step for a model graph and optimizer.
 
   With grad_accum > 1 the batch is split into that many microbatches (every grad_accum-th row,
   so each device keeps its own rows) whose gradient sums are added before one update; the
   result equals one step on the whole batch up to float summation order.
 
-  frozen=True (LoRA): `graphdef` comes from `nnx.split(model, nnx.LoRAParam, nnx.Param)`, the
-  state's params are the adapter tree, and the step is `train_step(state, batch, base)` with the
-  frozen base tree an input that is read, never differentiated, updated or returned.
-
   dropout=True (LoRA dropout): each step draws its masks from a key folded from the state's
   rng and step (and the microbatch), so a resumed run draws the same masks.
   """
 
-  def accumulate(params, batch, base=None, key=None):
-    grad_fn = jax.value_and_grad(
-        lambda p, b, k: batch_sums(graphdef, p, b, z_loss, base, k), has_aux=True)
+  def objective(params, batch, base, key):
+    logits = forward(graphdef, params, batch, base, key)
+    total, nll, weight = loss_sums(logits, batch, z_loss)
+    return total, (nll, weight)
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+  def accumulate(params, batch, base, key):
     if grad_accum == 1:
-      (_, (nll, weight)), grads = grad_fn(params, batch, key)
+      (_, (nll, weight)), grads = grad_fn(params, batch, base, key)
       return grads, nll, weight
 
     def split(x):  # [B, ...] -> [accum, B / accum, ...]
@@ -79,7 +94,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     def body(carry, xs):
       grads, nll, weight = carry
       micro, i = xs
-      (_, (n, w)), g = grad_fn(params, micro, None if key is None else jax.random.fold_in(key, i))
+      micro_key = None if key is None else jax.random.fold_in(key, i)
+      (_, (n, w)), g = grad_fn(params, micro, base, micro_key)
       return (jax.tree.map(jnp.add, grads, g), nll + n, weight + w), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
@@ -89,8 +105,6 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   def train_step(state: State, batch: Batch, base: dict | None = None
                  ) -> tuple[State, dict]:
-    if frozen and base is None:
-      raise ValueError("this train step needs the frozen base tree")
     params = state["params"]
     key = None
     if dropout:
@@ -109,7 +123,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
 
 def make_eval_step(graphdef: nnx.GraphDef):
-  def eval_step(params: dict, batch: Batch, base: dict | None = None) -> dict:
-    _, (nll, weight) = batch_sums(graphdef, params, batch, 0.0, base)
-    return {"nll_sum": nll, "weight": weight}
+  """eval_step(params, batch, token_bytes, base=None) -> {"nll_sum", "weight", "bytes"}:
+  sums over the batch, with the UTF-8 bytes its targets stand for (for bits per byte)."""
+  def eval_step(params: dict, batch: Batch, token_bytes: jax.Array, base: dict | None = None
+                ) -> dict:
+    _, nll, weight = loss_sums(forward(graphdef, params, batch, base), batch)
+    return {"nll_sum": nll, "weight": weight, "bytes": byte_sum(batch, token_bytes)}
   return eval_step

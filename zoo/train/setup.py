@@ -1,0 +1,288 @@
+"""From a training config to what the loop runs: checked, resolved, placed and compiled.
+
+`prepare(config, workdir)` checks the whole config and resolves it (mesh, rules table, model
+config, tokenizer, datasets) before anything is compiled, raising ZooError naming the first
+problem. `build(run)` makes the `Trainer`: the optimizer, the state's shardings, the LoRA trees
+when the run trains adapters, and the jitted train and eval steps. The loop, the benchmarks and
+tests all go through these two, so they run what `zoo train` runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from zoo import sharding
+from zoo.convert.checkpoint import Checkpoint
+from zoo.data.instruct import template_dir_for
+from zoo.data.pipeline import data_pipeline, tokenizer_for
+from zoo.data.tokenizers import Tokenizer, load_tokenizer, token_bytes
+from zoo.errors import ZooError
+from zoo.layers.quant import KINDS as QUANT_KINDS
+from zoo.layers.quant import quantize_leaf
+from zoo.lora import LoraSpec, LoraTrees, split_for_training
+from zoo.models.config import LlamaConfig
+from zoo.models.llama import Llama, abstract_model
+from zoo.models.presets import get_preset
+from zoo.train.checkpoint import load_tree
+from zoo.train.config import check_config
+from zoo.train.optim import make_optimizer
+from zoo.train.step import State, init_state, make_eval_step, make_train_step, state_shardings
+
+
+@dataclasses.dataclass
+class Run:
+  """A training config resolved: everything known before anything is compiled."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  model_config: LlamaConfig
+  tokenizer: Tokenizer | None  # None: a run built without data (benchmarks)
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  data_dir: str
+
+  @property
+  def template_dir(self) -> str | None:
+    return template_dir_for(self.config.data, self.config.init_from)
+
+  def data(self, split: str):
+    """This process's iterator over `split` ("train" or "validation") batches."""
+    return data_pipeline(self.config.data, self.tokenizer, split, data_dir=self.data_dir,
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         template_dir=self.template_dir)
+
+
+def schedule_steps(config) -> int:
+  """The length of the learning-rate schedule; a run may stop before it ends and resume."""
+  return config.train.schedule_steps or config.train.steps
+
+
+def lora_spec(config) -> LoraSpec | None:
+  """The run's LoraSpec, or None when it trains the whole model (lora.rank 0)."""
+  cfg = config.lora
+  if not cfg.rank:
+    return None
+  if not config.init_from:
+    raise ZooError("lora.rank > 0 fine-tunes a checkpoint: set init_from")
+  if cfg.quantize not in ("none", *QUANT_KINDS):
+    raise ZooError(f"unknown lora.quantize {cfg.quantize!r}; use none, {', '.join(QUANT_KINDS)}")
+  targets = tuple(t.strip() for t in str(cfg.targets).split(",") if t.strip())
+  return LoraSpec(rank=cfg.rank, alpha=float(cfg.alpha), targets=targets,
+                  dropout=float(cfg.dropout), rslora=bool(cfg.rslora))
+
+
+def model_kwargs(config) -> dict:
+  """How the model computes (not what it is): the Llama constructor's keyword arguments."""
+  return dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat,
+              moe_impl=config.moe_impl)
+
+
+def process_zero_first(fn):
+  """fn() on process 0, then on the others once it is done: what process 0 builds into a
+  shared directory (datasets, a trained tokenizer) the others then only read."""
+  if jax.process_count() == 1:
+    return fn()
+  if jax.process_index() == 0:
+    try:
+      return fn()
+    finally:  # on an error too, so that the others do not wait forever (they meet it as well)
+      multihost_utils.sync_global_devices("zoo: process 0 prepared the data")
+  multihost_utils.sync_global_devices("zoo: process 0 prepared the data")
+  return fn()
+
+
+def _check_train_fields(config):
+  if config.train.steps <= 0:
+    raise ZooError("train.steps must be positive")
+  if config.train.grad_accum < 1:
+    raise ZooError("train.grad_accum must be >= 1")
+  if config.train.schedule_steps < 0:
+    raise ZooError("train.schedule_steps must be >= 0")
+  make_optimizer(config.optimizer, schedule_steps(config))  # checks the optimizer fields
+  lora_spec(config)  # checks the LoRA fields
+
+
+def _mesh_and_rules(config) -> tuple[jax.sharding.Mesh, tuple]:
+  mesh = sharding.make_mesh(config.mesh)
+  rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+                for name, axes in config.sharding_rules)
+  sharding.logical_to_spec(sharding.LOGICAL_AXES, rules)  # checks the table
+  batch = config.data.batch_size
+  sharding.local_batch_size(batch, mesh, rules)
+  axes = sharding.logical_to_spec(("batch",), rules)[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  ways = math.prod(mesh.shape[a] for a in axes)
+  if (batch // ways) % config.train.grad_accum:
+    raise ZooError(f"batch size {batch} does not split into {config.train.grad_accum} "
+                   f"microbatches on each of {ways} batch shards")
+  return mesh, rules
+
+
+def _model_config(config, tokenizer: Tokenizer | None) -> LlamaConfig:
+  if config.init_from:
+    return Checkpoint(config.init_from).config
+  overrides = {k: tuple(v) if isinstance(v, list) else v
+               for k, v in config.model.items() if k != "preset"}
+  if overrides.get("vocab_size") == 0:
+    if tokenizer is None:
+      raise ZooError("model.vocab_size 0 takes the tokenizer's size: set it for a run "
+                     "without data")
+    overrides["vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
+  try:
+    return get_preset(config.model.preset, **overrides)
+  except TypeError as e:
+    raise ZooError(f"bad model override: {e}") from None
+
+
+def prepare(config, workdir: str, *, with_data: bool = True) -> Run:
+  """Checks the config, mesh, tokenizer and data; raises ZooError naming the first problem.
+  with_data=False skips the tokenizer and datasets (the model's vocab_size must then be set)."""
+  check_config(config)
+  _check_train_fields(config)
+  mesh, rules = _mesh_and_rules(config)
+  data_dir = config.data.data_dir or os.path.join(workdir, "data")
+  tokenizer = None
+  if with_data:
+    os.makedirs(data_dir, exist_ok=True)
+
+    def build_data():  # the datasets and the tokenizer, built once and cached in data_dir
+      if config.data.tokenizer or config.init_from:
+        tokenizer = load_tokenizer(config.data.tokenizer or config.init_from)
+      else:
+        tokenizer = tokenizer_for(config.data, data_dir)
+      template_dir = template_dir_for(config.data, config.init_from)
+      for split in ("train", "validation") if config.train.eval_every else ("train",):
+        data_pipeline(config.data, tokenizer, split, data_dir=data_dir,  # raises if empty
+                      template_dir=template_dir)
+      return tokenizer
+
+    tokenizer = process_zero_first(build_data)
+  model_config = _model_config(config, tokenizer)
+  if tokenizer is not None and tokenizer.vocab_size > model_config.vocab_size:
+    raise ZooError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the "
+                   f"model's embeddings ({model_config.vocab_size})")
+  if config.data.seq_len > model_config.max_position_embeddings:
+    raise ZooError(f"data.seq_len {config.data.seq_len} is longer than the model allows "
+                   f"({model_config.max_position_embeddings})")
+  return Run(config, workdir, model_config, tokenizer, mesh, rules, data_dir)
+
+
+@dataclasses.dataclass
+class Trainer:
+  """A run made ready to step: the model graph, the optimizer, where every array lives, and
+  the two jitted steps.
+
+  train_step(state, batch, *base) -> (state, metrics) donates the state;
+  eval_step(params, batch, token_bytes, *base) -> {"nll_sum", "weight", "bytes"}.
+  `base` is () for a full run and (the frozen base tree,) for LoRA, whose state's params are the
+  adapters; `lora` holds the LoRA trees (with the base read from init_from).
+  """
+  run: Run
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  shardings: State
+  abstract_state: State  # ShapeDtypeStructs carrying the shardings, for restoring
+  batch_sharding: jax.sharding.NamedSharding
+  lora: LoraTrees | None
+  train_step: Callable
+  eval_step: Callable
+
+  @property
+  def base(self) -> tuple:
+    return () if self.lora is None else (self.lora.base,)
+
+  @property
+  def lora_spec(self) -> LoraSpec | None:
+    return lora_spec(self.run.config)
+
+  def initial_state(self) -> State:
+    """Step 0: fresh parameters drawn from the seed, a checkpoint's parameters (init_from) read
+    tensor by tensor with nothing drawn at random, or a LoRA run's initial adapters."""
+    config = self.run.config
+    seed = config.train.seed
+    place = functools.partial(jax.jit, out_shardings=self.shardings)
+    if self.lora is not None:
+      return place(lambda p: init_state(p, self.tx, seed))(self.lora.adapters)
+    if not config.init_from:
+      def fresh(key):
+        model = Llama(self.run.model_config, rngs=nnx.Rngs(params=key),
+                      **model_kwargs(config))
+        return init_state(nnx.split(model, nnx.Param)[1].to_pure_dict(), self.tx, seed)
+      return place(fresh)(jax.random.key(seed))
+    params = load_tree(config.init_from, self.abstract_state["params"],
+                       self.shardings["params"])
+    return place(lambda p: init_state(p, self.tx, seed))(params)
+
+  def global_batch(self, batch: dict) -> dict:
+    """This process's rows of a batch (numpy) as global arrays laid out by the rules."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+  def token_bytes(self) -> jax.Array:
+    """Each token's length in bytes (for bits per byte), padded to the model's vocabulary."""
+    table = np.zeros(self.run.model_config.vocab_size, np.int32)
+    if self.run.tokenizer is not None:
+      sizes = token_bytes(self.run.tokenizer)
+      table[:len(sizes)] = sizes
+    return jax.device_put(table, sharding.replicated(self.run.mesh))
+
+
+def _lora_trees(run: Run) -> LoraTrees:
+  """The LoRA split with its base read from init_from, quantized as it arrives for QLoRA."""
+  config = run.config
+  trees = split_for_training(run.model_config, lora_spec(config), run.mesh, run.rules,
+                             seed=config.train.seed, **model_kwargs(config))
+  quantize = None
+  if config.lora.quantize != "none":
+    def quantize(name, array):
+      return quantize_leaf(name, array, config.lora.quantize, config.lora.block_size)
+  base = load_tree(config.init_from, trees.base, trees.base_shardings, quantize)
+  return dataclasses.replace(trees, base=base,
+                             base_shardings=jax.tree.map(lambda x: x.sharding, base))
+
+
+def build(run: Run) -> Trainer:
+  """The Trainer of a prepared run (reads the LoRA base from init_from; compiles lazily)."""
+  config = run.config
+  tx, schedule = make_optimizer(config.optimizer, schedule_steps(config))
+  rep = sharding.replicated(run.mesh)
+  spec = lora_spec(config)
+  if spec is None:
+    lora = None
+    model = abstract_model(run.model_config, **model_kwargs(config))
+    graphdef, abstract_params = nnx.split(model, nnx.Param)
+    abstract_params = abstract_params.to_pure_dict()
+    param_shardings = sharding.param_shardings(model, run.mesh, run.rules)
+    base_shardings = ()
+  else:
+    lora = _lora_trees(run)
+    graphdef, abstract_params = lora.graphdef, lora.adapters
+    param_shardings = lora.adapter_shardings
+    base_shardings = (lora.base_shardings,)
+  shardings = state_shardings(tx, abstract_params, param_shardings, rep)
+  abstract = jax.eval_shape(lambda p: init_state(p, tx, config.train.seed), abstract_params)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  batch_sharding = sharding.batch_sharding(run.mesh, run.rules)
+  dropout = spec is not None and spec.dropout > 0
+  train_step = jax.jit(
+      make_train_step(graphdef, tx, schedule, z_loss=config.train.z_loss,
+                      grad_accum=config.train.grad_accum, dropout=dropout),
+      in_shardings=(shardings, batch_sharding, *base_shardings),
+      out_shardings=(shardings, rep), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(graphdef),
+                      in_shardings=(shardings["params"], batch_sharding, rep, *base_shardings))
+  return Trainer(run, graphdef, tx, schedule, shardings, abstract, batch_sharding, lora,
+                 train_step, eval_step)
+
