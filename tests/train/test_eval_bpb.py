@@ -1,0 +1,75 @@
+"""The loop's held-out bits per byte: its nats over the bytes of the text its targets decode to."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from tests.train.test_train import REPO_ROOT, corpus, flags  # noqa: F401
+from zoo.cli import main
+from zoo.data.tokenizers import load_tokenizer
+from zoo.train.config import base_config  # noqa: F401
+from zoo.train.setup import prepare
+
+
+def load_default(overrides: dict):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO_ROOT, "configs",
+                                                                     "default.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    config[section][field] = type(config[section][field])(value)
+  return config
+
+
+def test_eval_bpb_is_nats_over_decoded_bytes(corpus, tmp_path, capsys):  # noqa: F811
+  overrides = {"train.steps": 3, "train.eval_every": 3, "train.eval_batches": 2}
+  args = flags(corpus, **overrides)
+  assert main(["train", "--workdir", str(tmp_path), *args]) == 0
+  out = capsys.readouterr().out
+  with open(tmp_path / "metrics.jsonl") as f:
+    record = [json.loads(line) for line in f][-1]
+  assert "bits per byte" in out and f"{record['eval_bpb']:.3f}" in out
+  # The same held-out batches, decoded by the tokenizer itself.
+  values = {a.split("=", 1)[0][len("--config."):]: a.split("=", 1)[1] for a in args}
+  run = prepare(load_default(values), str(tmp_path))
+  tokenizer = load_tokenizer(str(tmp_path / "model"))
+  batches = run.data("validation")
+  weight = num_bytes = 0.0
+  for _ in range(2):
+    batch = next(batches)
+    weight += float(batch["weights"].sum())
+    for targets, w in zip(batch["targets"], batch["weights"]):
+      num_bytes += len(tokenizer.decode(targets[w > 0]).encode("utf-8"))
+  assert num_bytes > 500  # two batches of 8 x 32 tokens
+  expected = record["eval_loss"] * weight / math.log(2) / num_bytes
+  np.testing.assert_allclose(record["eval_bpb"], expected, rtol=1e-5)
+  # Bits per byte sit below bits per token by the text's bytes per token.
+  assert record["eval_bpb"] < record["eval_loss"] / math.log(2)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_end_of_run_sample_is_the_generators(corpus, tmp_path, capsys, temperature):  # noqa: F811
+  """The sample printed at the end is what zoo.infer.Generator draws from the exported model
+  with the config's prompt, temperature, top-p and seed."""
+  import zoo
+  from zoo.infer.generate import Generator, Sampling
+  args = flags(corpus, **{"train.steps": 2, "train.sample_tokens": 12,
+                          "train.sample_temperature": temperature, "train.sample_seed": 3})
+  assert main(["train", "--workdir", str(tmp_path), *args]) == 0
+  out = capsys.readouterr().out
+  printed = out.split("sample:\n", 1)[1].split("\ncheckpoints", 1)[0]
+  model = zoo.load(str(tmp_path / "model"))
+  tokenizer = load_tokenizer(str(tmp_path / "model"))
+  prompt = tokenizer.encode(base_config().train.sample_prompt)
+  new = Generator(model).generate([[tokenizer.bos_id, *prompt]], max_new_tokens=12,
+                                  sampling=Sampling(temperature=temperature, top_p=0.95),
+                                  seed=3, stop_ids=[tokenizer.eos_id])[0]
+  new = [t for t in new if t != tokenizer.eos_id]
+  text = tokenizer.decode(prompt + new)
+  assert printed == "    " + text.replace("\n", "\n    ")
