@@ -110,7 +110,7 @@ def test_an_ignored_override_is_a_one_line_error(case, tmp_path, capsys):
 
 def test_a_config_file_that_adds_a_field_is_an_error():
   config = base_config()
-  config.model.remat = "full"  # what configs/lora.py once did: remat is a top-level field
+  config.model.remat = "full"  # remat is a top-level field, not a model field
   with pytest.raises(ZooError, match="model.remat"):
     check_config(config)
   config = base_config()

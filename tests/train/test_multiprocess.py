@@ -52,8 +52,9 @@ def close(a: dict, b: dict, tol=1e-5) -> bool:
 
 
 def test_two_processes_give_the_losses_of_one(one_process, corpus, tmp_path):  # noqa: F811
-  codes, outs, errors = run(tmp_path, corpus, 2)
+  codes, outs, errors = run(tmp_path, corpus, 2, **{"train.sample_tokens": 4})
   assert codes == [0, 0], errors
+  assert "sample:" in outs[0] and "sample:" not in outs[1]  # drawn together, printed once
   got = losses(tmp_path)  # one line per step: only process 0 writes metrics
   assert len(got) == STEPS and close(got, one_process), (got, one_process)
   # every process wrote its part of each checkpoint; the data position is saved per process

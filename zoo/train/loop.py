@@ -193,22 +193,25 @@ def host_tree(tree):
 
 
 def finish(trainer: Trainer, state: State, workdir: str) -> dict:
-  """The end of a run: the model (or adapters) exported, the loss plot and a sample, on
-  process 0; the paths go into the summary."""
-  params = host_tree(state["params"])  # every process takes part in the gather
-  base = host_tree(trainer.lora.base) if trainer.lora is not None else None
+  """The end of a run: the model (or adapters) exported, the loss plot and a sample, written by
+  process 0 (every process takes part in the gathers and in sampling); the paths go into the
+  summary."""
+  params = host_tree(state["params"])
+  text = None
+  if trainer.run.config.train.sample_tokens and trainer.run.tokenizer is not None:
+    text = sample_text(trainer, params if jax.process_count() == 1 else state["params"])
   if jax.process_index() != 0:
     return {}
   out = {}
   if trainer.lora is None:
     out["model"] = export_model(trainer, params, os.path.join(workdir, "model"))
   else:
-    out.update(export_adapter(trainer, params, base, workdir))
+    out.update(export_adapter(trainer, params, workdir))
   out["plot"] = os.path.join(workdir, "loss.png")
   out["metrics"] = os.path.join(workdir, "metrics.jsonl")
   plot_losses(out["metrics"], out["plot"])
-  if trainer.run.config.train.sample_tokens and trainer.run.tokenizer is not None:
-    out["sample"] = sample_text(trainer, params, base)
+  if text is not None:
+    out["sample"] = text
   out.update(checkpoints=os.path.join(workdir, "checkpoints"),
              tensorboard=os.path.join(workdir, "tensorboard"))
   return out
@@ -230,8 +233,10 @@ def export_model(trainer: Trainer, params: dict, path: str) -> str:
   return path
 
 
-def export_adapter(trainer: Trainer, adapters: dict, base: dict, workdir: str) -> dict:
+def export_adapter(trainer: Trainer, adapters: dict, workdir: str) -> dict:
   """The trained adapters as a zoo adapter directory and as HF peft's files."""
+  # The files hold only the adapters: the base can stay where it is, as shapes.
+  base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainer.lora.base)
   model = nnx.merge(trainer.graphdef, adapters, base)
   spec, base_model = trainer.lora_spec, os.path.abspath(trainer.run.config.init_from)
   out = {"adapter": os.path.join(workdir, "adapter"),
@@ -241,19 +246,26 @@ def export_adapter(trainer: Trainer, adapters: dict, base: dict, workdir: str) -
   return out
 
 
-def sample_text(trainer: Trainer, params: dict, base: dict | None) -> str:
+def sample_text(trainer: Trainer, params: dict) -> str:
   """train.sample_tokens of the model's text after train.sample_prompt, sampled with the
-  config's temperature, top-p and seed by zoo.infer.Generator (the prompt included)."""
+  config's temperature, top-p and seed by zoo.infer.Generator (the prompt included). One
+  process samples on its own device from host `params`; several sample together on the mesh
+  from the global arrays."""
   tcfg, tokenizer = trainer.run.config.train, trainer.run.tokenizer
-  trees = (params,) if base is None else (params, base)
-  model = nnx.merge(trainer.graphdef, *jax.device_put(trees))
+  trees = (params, *trainer.base)
+  mesh = None
+  if jax.process_count() == 1:
+    trees = jax.device_put(trees, jax.devices()[0])
+  else:
+    mesh = trainer.run.mesh
+  model = nnx.merge(trainer.graphdef, *trees)
   prompt = tokenizer.encode(tcfg.sample_prompt)
   bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
   stop = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
   room = trainer.run.model_config.max_position_embeddings - len(bos) - len(prompt)
   if room < 1:
     return tcfg.sample_prompt
-  new = Generator(model).generate(
+  new = Generator(model, mesh=mesh, rules=trainer.run.rules).generate(
       [bos + prompt], max_new_tokens=min(tcfg.sample_tokens, room),
       sampling=Sampling(temperature=float(tcfg.sample_temperature),
                         top_p=float(tcfg.sample_top_p)),
