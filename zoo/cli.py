@@ -293,28 +293,20 @@ def cmd_eval(args) -> int:
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config_path(value: str) -> str:
-  """configs/NAME.py[:ARGS], found in the working directory or else beside the zoo package."""
-  path, sep, arg = value.partition(":")
-  if not os.path.exists(path) and os.path.exists(os.path.join(REPO_ROOT, path)):
-    path = os.path.join(REPO_ROOT, path)
-  if not os.path.isfile(path):
-    raise ZooError(f"config file {path} does not exist")
-  return path + sep + arg
-
-
 def train_main(argv: list[str]) -> int:
   """`zoo train`: ml_collections config files with --config.FIELD=VALUE overrides (locked)."""
   from absl import flags
   from ml_collections import config_flags
+
+  from zoo.train.config import config_path
   argv = list(argv)
   for i, arg in enumerate(argv):
     if arg.startswith("--config="):
-      argv[i] = "--config=" + _config_path(arg.split("=", 1)[1])
+      argv[i] = "--config=" + config_path(arg.split("=", 1)[1])
     elif arg == "--config" and i + 1 < len(argv):
-      argv[i + 1] = _config_path(argv[i + 1])
+      argv[i + 1] = config_path(argv[i + 1])
   if not any(a == "--config" or a.startswith("--config=") for a in argv):
-    argv.insert(0, "--config=" + _config_path("configs/default.py"))
+    argv.insert(0, "--config=" + config_path("configs/default.py"))
   fv = flags.FlagValues()
   # sys_argv: the override flags are discovered from this list, not from the process's argv.
   config_flags.DEFINE_config_file("config", None, "training config file", flag_values=fv,

@@ -2,7 +2,6 @@
 is an error naming the field."""
 
 import dataclasses
-import importlib.util
 import os
 
 import ml_collections
@@ -12,7 +11,7 @@ from flax import nnx
 from zoo.cli import main
 from zoo.errors import ZooError
 from zoo.models.config import LlamaConfig
-from zoo.train.config import base_config, check_config
+from zoo.train.config import base_config, check_config, load_config
 from zoo.train.optim import default_config, make_optimizer
 from zoo.train.setup import build, prepare
 
@@ -29,10 +28,7 @@ ARGS = {
 
 
 def load(name: str, arg: str | None):
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO_ROOT, "configs", name))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config(f"configs/{name}" + (f":{arg}" if arg else ""))
 
 
 def leaves(c, prefix=""):

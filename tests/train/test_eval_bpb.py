@@ -2,29 +2,15 @@
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 
-from tests.train.test_train import REPO_ROOT, corpus, flags  # noqa: F401
+from tests.train.test_train import corpus, flags  # noqa: F401
 from zoo.cli import main
 from zoo.data.tokenizers import load_tokenizer
-from zoo.train.config import base_config  # noqa: F401
+from zoo.train.config import base_config, load_config
 from zoo.train.setup import prepare
-
-
-def load_default(overrides: dict):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO_ROOT, "configs",
-                                                                     "default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for key, value in overrides.items():
-    section, field = key.split(".")
-    config[section][field] = type(config[section][field])(value)
-  return config
 
 
 def test_eval_bpb_is_nats_over_decoded_bytes(corpus, tmp_path, capsys):  # noqa: F811
@@ -37,7 +23,9 @@ def test_eval_bpb_is_nats_over_decoded_bytes(corpus, tmp_path, capsys):  # noqa:
   assert "bits per byte" in out and f"{record['eval_bpb']:.3f}" in out
   # The same held-out batches, decoded by the tokenizer itself.
   values = {a.split("=", 1)[0][len("--config."):]: a.split("=", 1)[1] for a in args}
-  run = prepare(load_default(values), str(tmp_path))
+  defaults = load_config("configs/default.py")
+  values = {k: type(defaults[k.split(".")[0]][k.split(".")[1]])(v) for k, v in values.items()}
+  run = prepare(load_config("configs/default.py", values), str(tmp_path))
   tokenizer = load_tokenizer(str(tmp_path / "model"))
   batches = run.data("validation")
   weight = num_bytes = 0.0

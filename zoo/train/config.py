@@ -8,6 +8,8 @@ makes any config small enough to run a step on a laptop CPU.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 import ml_collections
 
@@ -15,6 +17,9 @@ from zoo.errors import ZooError
 from zoo.models.config import LlamaConfig
 from zoo.sharding import DEFAULT_RULES
 from zoo.train.optim import default_config as optimizer_defaults
+
+# Where configs/ is found when a relative config path is not found from the working directory.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # What `model.*` may hold: a preset name and LlamaConfig fields to override in it.
 MODEL_FIELDS = ("preset", *(f.name for f in dataclasses.fields(LlamaConfig)))
@@ -200,3 +205,35 @@ def check_config(config: ml_collections.ConfigDict):
     raise ZooError(f"data.vocab_size is set, but the tokenizer comes from {where}")
   if set_("data.chat_template") and config.data.format != "instruct":
     raise ZooError("data.chat_template is set, but data.format is not 'instruct'")
+
+
+def config_path(value: str) -> str:
+  """configs/NAME.py[:ARGS] with the file found in the working directory or else beside the
+  zoo package."""
+  path, sep, arg = value.partition(":")
+  if not os.path.exists(path) and os.path.exists(os.path.join(REPO_ROOT, path)):
+    path = os.path.join(REPO_ROOT, path)
+  if not os.path.isfile(path):
+    raise ZooError(f"config file {path} does not exist")
+  return path + sep + arg
+
+
+def load_config(value: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
+  """The config of configs/NAME.py[:ARGS], as `zoo train --config` loads it (locked), with
+  {"section.field": value} overrides; a field that does not exist is an error."""
+  path, _, arg = config_path(value).partition(":")
+  spec = importlib.util.spec_from_file_location("zoo_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  config.lock()
+  for name, value in (overrides or {}).items():
+    *sections, field = name.split(".")
+    try:
+      target = config
+      for section in sections:
+        target = target[section]
+      target[field] = value
+    except (AttributeError, KeyError, TypeError) as e:
+      raise ZooError(f"cannot set config field {name}: {str(e).splitlines()[0]}") from None
+  return config
