@@ -33,56 +33,52 @@ def write_base(spec: dict) -> int:
   return Checkpoint(spec["dst"]).config.num_params()
 
 
-def zoo_step(kind: str, spec: dict):
-  """zoo's jitted train step of `kind` (lora, qlora or full) on the checkpoint, loaded as `zoo
-  train` loads it (tensor by tensor, nothing drawn at random): (run(n) -> loss, info)."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import nnx
-
-  from zoo import lora, sharding
-  from zoo.convert.checkpoint import Checkpoint
-  from zoo.layers.quant import bf16_bytes, is_quantized, nbytes
-  from zoo.models.llama import abstract_model
-  from zoo.train.loop import load_tree, lora_split
-  from zoo.train.optim import make_optimizer
-  from zoo.train.step import make_train_step
-  config = Checkpoint(spec["checkpoint"]).config
-  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  tx, schedule = make_optimizer(dict(name="adamw", lr=1e-4, schedule="constant",
-                                     warmup_steps=0), 100)
-  ratio = None
+def zoo_config(kind: str, spec: dict):
+  """The shipped config `zoo train` runs for `kind` on the checkpoint: configs/lora.py (rank r,
+  alpha 2r, every linear layer; QLoRA with an NF4 base) or configs/finetune.py, each with the
+  bench's remat policy, batch and sequence length."""
+  from zoo.train.config import load_config
+  ckpt, rank = spec["checkpoint"], spec["rank"]
   if kind == "full":
-    graphdef, abstract = nnx.split(abstract_model(config, remat=spec["remat"]), nnx.Param)
-    shardings = sharding.variable_shardings(abstract, mesh, sharding.DEFAULT_RULES)
-    params, _ = load_tree(spec["checkpoint"], nnx.to_pure_dict(abstract), shardings)
-    base = None
+    name = f"configs/finetune.py:init_from={ckpt}"
   else:
-    graphdef, params, _, base, _ = lora_split(
-        config, lora.LoraSpec(rank=spec["rank"], alpha=2 * spec["rank"],
-                              targets=("all-linear",)),
-        spec["checkpoint"], mesh, sharding.DEFAULT_RULES,
-        quantize="nf4" if kind == "qlora" else "none", remat=spec["remat"])
-    if kind == "qlora":
-      q = [x for x in jax.tree.leaves(base, is_leaf=is_quantized) if is_quantized(x)]
-      ratio = sum(map(nbytes, q)) / sum(map(bf16_bytes, q))
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-           "rng": jnp.zeros(2, jnp.uint32)}
+    name = (f"configs/lora.py:init_from={ckpt},rank={rank},alpha={2 * rank},"
+            f"quantize={'nf4' if kind == 'qlora' else 'none'}")
+  return load_config(name, {"remat": spec["remat"], "data.batch_size": spec["batch"],
+                            "data.seq_len": spec["seq_len"]})
+
+
+def zoo_step(kind: str, spec: dict):
+  """zoo's train step of `kind` (lora, qlora or full) on the checkpoint, set up by zoo's train
+  loop from the shipped config (the base read tensor by tensor, nothing drawn at random):
+  (run(n) -> loss, info)."""
+  import tempfile
+
+  import jax
+  import numpy as np
+
+  from zoo import sharding
+  from zoo.layers.quant import bf16_bytes, is_quantized, nbytes
+  from zoo.train.setup import build, prepare
+  trainer = build(prepare(zoo_config(kind, spec), tempfile.mkdtemp(), with_data=False))
+  ratio = None
+  if kind == "qlora":
+    q = [x for x in jax.tree.leaves(trainer.base, is_leaf=is_quantized) if is_quantized(x)]
+    ratio = sum(map(nbytes, q)) / sum(map(bf16_bytes, q))
   b, t = spec["batch"], spec["seq_len"]
-  x = np.random.default_rng(0).integers(0, config.vocab_size, (b, t + 1)).astype(np.int32)
-  batch = {"tokens": x[:, :-1], "targets": x[:, 1:],
-           "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-           "segment_ids": np.ones((b, t), np.int32), "weights": np.ones((b, t), np.float32)}
-  step = jax.jit(make_train_step(graphdef, tx, schedule, frozen=base is not None),
-                 donate_argnums=0)
-  args = () if base is None else (base,)
-  holder = {"state": state}
+  vocab = trainer.run.model_config.vocab_size
+  x = np.random.default_rng(0).integers(0, vocab, (b, t + 1)).astype(np.int32)
+  batch = trainer.global_batch({
+      "tokens": x[:, :-1], "targets": x[:, 1:],
+      "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+      "segment_ids": np.ones((b, t), np.int32), "weights": np.ones((b, t), np.float32)})
+  holder = {"state": trainer.initial_state()}
 
   def run(n: int) -> float:
     state = holder["state"]
-    for _ in range(n):
-      state, metrics = step(state, batch, *args)
+    with sharding.use(trainer.run.mesh, trainer.run.rules):
+      for _ in range(n):
+        state, metrics = trainer.train_step(state, batch, *trainer.base)
     holder["state"] = state
     return float(metrics["loss"])  # waits for the last step, so for all of them
 
@@ -92,7 +88,7 @@ def zoo_step(kind: str, spec: dict):
 def time_steps(spec: dict) -> dict:
   """Worker: `steps` timed steps of `kind` after the compile: tokens/s and the last loss."""
   run, info = zoo_step(spec["kind"], spec)
-  run(2)  # the second call compiles again: the state comes back placed on the mesh
+  run(2)  # compiles (and warms up)
   start = time.perf_counter()
   loss = run(spec["steps"])
   seconds = time.perf_counter() - start

@@ -4,7 +4,6 @@ CPU: tokens/s, their ratio and MFU against the machine's measured matmul peak.""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -45,46 +44,38 @@ def train_batch(vocab: int, batch: int, seq_len: int) -> dict:
           "weights": np.ones((batch, seq_len), np.float32)}
 
 
-def zoo_stepper(spec: dict):
-  """Worker: zoo's jitted train step on one fixed batch: (run(n) -> loss, info)."""
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from flax import nnx
+def zoo_config(spec: dict):
+  """What `zoo train` runs: the shipped configs/default.py, with the bench's model shape and
+  vocabulary (the peer builds the same), batch, dtype, data-parallel mesh, and the plain AdamW
+  above."""
+  from zoo.train.config import load_config
+  overrides = {f"model.{k}": v for k, v in TRAIN_MODEL.items()}
+  overrides.update({"model.vocab_size": spec["vocab"],
+                    "model.max_position_embeddings": spec["seq_len"],
+                    "data.seq_len": spec["seq_len"], "data.batch_size": spec["batch"],
+                    "dtype": spec["dtype"], "remat": spec["remat"],
+                    "mesh.data": spec["devices"], "mesh.fsdp": 1, "mesh.tensor": 1})
+  overrides.update({f"optimizer.{k}": v for k, v in TRAIN_OPTIMIZER.items()})
+  return load_config("configs/default.py", overrides)
 
-  from zoo.models.llama import Llama
-  from zoo.train.optim import make_optimizer
-  from zoo.train.step import make_train_step
-  config = train_config(spec["vocab"], spec["seq_len"])
-  model = Llama(config, dtype=spec["dtype"], remat=spec["remat"], rngs=nnx.Rngs(0))
-  graphdef, params = nnx.split(model, nnx.Param)
-  params = params.to_pure_dict()
-  tx, schedule = make_optimizer(TRAIN_OPTIMIZER, 10**9)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-           "rng": jnp.zeros(2, jnp.uint32)}
-  batch = train_batch(spec["vocab"], spec["batch"], spec["seq_len"])
-  train_step = make_train_step(graphdef, tx, schedule)
-  devices = spec["devices"]
-  if devices == 1:
-    batch = jax.device_put(batch)
-    jitted = jax.jit(train_step, donate_argnums=0)
-  else:  # data parallel over host devices, laid out as zoo's train loop lays it out
-    from zoo import sharding
-    mesh = sharding.make_mesh((devices, 1, 1), devices=jax.devices()[:devices])
-    rules = sharding.DEFAULT_RULES
-    rep = sharding.replicated(mesh)
-    params_sh = sharding.param_shardings(model, mesh, rules)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params),
-                                   params_sh, transform_non_params=lambda _: rep)
-    shardings = {"step": rep, "params": params_sh, "opt_state": opt_sh, "rng": rep}
-    state = jax.device_put(state, shardings)
-    batch_sh = sharding.batch_sharding(mesh, rules)
-    batch = jax.device_put(batch, batch_sh)
-    jitted = jax.jit(train_step, in_shardings=(shardings, batch_sh),
-                     out_shardings=(shardings, rep), donate_argnums=0)
+
+def zoo_stepper(spec: dict):
+  """Worker: zoo's train step as zoo's train loop sets it up from the shipped config (state,
+  shardings, jit), on one fixed batch: (run(n) -> loss, info)."""
+  import tempfile
+
+  import jax
+
+  from zoo import sharding
+  from zoo.train.setup import build, prepare
+  trainer = build(prepare(zoo_config(spec), tempfile.mkdtemp(), with_data=False))
+  config = trainer.run.model_config
+  assert config == train_config(spec["vocab"], spec["seq_len"]), "the peer's model differs"
+  state = trainer.initial_state()
+  batch = trainer.global_batch(train_batch(spec["vocab"], spec["batch"], spec["seq_len"]))
   start = time.perf_counter()
-  with sharding.use(mesh, rules) if devices > 1 else contextlib.nullcontext():
-    lowered = jitted.lower(state, batch)
+  with sharding.use(trainer.run.mesh, trainer.run.rules):
+    lowered = trainer.train_step.lower(state, batch)
   options, refused = spec["compiler_options"], None
   try:
     step = lowered.compile(compiler_options=options or None)
@@ -102,8 +93,9 @@ def zoo_stepper(spec: dict):
     holder["state"] = state
     return float(metrics["loss"])  # waits for the last step, so for all of them
 
-  info = {"compile_s": compile_s, "backend": jax.default_backend(), "devices": devices,
-          "params": config.num_params(), "jax": jax.__version__, "options_refused": refused}
+  info = {"compile_s": compile_s, "backend": jax.default_backend(),
+          "devices": spec["devices"], "params": config.num_params(), "jax": jax.__version__,
+          "options_refused": refused}
   return run, info
 
 

@@ -220,7 +220,8 @@ def config_path(value: str) -> str:
 
 def load_config(value: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
   """The config of configs/NAME.py[:ARGS], as `zoo train --config` loads it (locked), with
-  {"section.field": value} overrides; a field that does not exist is an error."""
+  {"section.field": value} overrides; a field that does not exist is an error, except that
+  `model.*` takes any LlamaConfig field."""
   path, _, arg = config_path(value).partition(":")
   spec = importlib.util.spec_from_file_location("zoo_config", path)
   module = importlib.util.module_from_spec(spec)
@@ -233,7 +234,11 @@ def load_config(value: str, overrides: dict | None = None) -> ml_collections.Con
       target = config
       for section in sections:
         target = target[section]
-      target[field] = value
+      if sections == ["model"] and field in MODEL_FIELDS and field not in target:
+        with target.unlocked():  # a config file may leave a model field to its preset
+          target[field] = value
+      else:
+        target[field] = value
     except (AttributeError, KeyError, TypeError) as e:
       raise ZooError(f"cannot set config field {name}: {str(e).splitlines()[0]}") from None
   return config
