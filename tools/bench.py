@@ -794,7 +794,7 @@ def bench_decode(args, workdir: str) -> dict:
   here = os.path.dirname(os.path.abspath(__file__))
   checkpoint = os.path.join(workdir, "hf")
   make = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench; "
-          "from zoo.cli import init_checkpoint; from zoo.models.presets import get_preset; "
+          "from zoo.convert.random_init import init_checkpoint; from zoo.models.presets import get_preset; "
           "init_checkpoint('tiny_llama', sys.argv[2], to='hf', overrides=bench.DECODE_MODEL); "
           "c = bench.decode_config(); "
           "read = c.num_params() - c.vocab_size * c.hidden_size * (not c.tie_word_embeddings); "
@@ -972,7 +972,7 @@ LORA_MODELS = {
 def bench_lora(args, workdir: str) -> dict:
   checkpoint = os.path.join(workdir, "base")
   make = ("import json, sys; sys.path.insert(0, sys.argv[1]); import bench; "
-          "from zoo.cli import init_checkpoint; "
+          "from zoo.convert.random_init import init_checkpoint; "
           "init_checkpoint('tiny_llama', sys.argv[2], overrides=bench.LORA_MODELS[sys.argv[3]]); "
           "from zoo.convert import Checkpoint; "
           "print(Checkpoint(sys.argv[2]).config.num_params())")
