@@ -7,6 +7,13 @@
 
 from __future__ import annotations
 
+import numpy as np
+
+from zoo.convert.checkpoint import load_model, save_params
+from zoo.errors import ZooError
+from zoo.lora import adapted_paths, load_adapter
+from zoo.models.llama import params_of
+
 __version__ = "0.1.0"
 
 
@@ -18,26 +25,14 @@ def load(path: str, dtype=None, param_dtype=None, adapter: str | None = None, **
   HF peft's) to apply on top. Returns a `zoo.models.llama.Llama` with `.config` and
   `.logits(tokens)`.
   """
-  from zoo.convert.checkpoint import Checkpoint
-  from zoo.models.llama import from_params
-  ckpt = Checkpoint(path)
-  dtype = dtype or "float32"
-  model = from_params(ckpt.config, ckpt.params(), dtype=dtype, param_dtype=param_dtype or dtype,
-                      **model_kwargs)
+  model = load_model(path, dtype=dtype or "float32", param_dtype=param_dtype, **model_kwargs)
   if adapter is not None:
-    from zoo.lora import load_adapter
     load_adapter(model, adapter)
   return model
 
 
 def save(model, path: str, *, dtype: str | None = None, force: bool = False):
   """Writes `model` as a zoo checkpoint at `path` (parameters in their dtype, or `dtype`)."""
-  import numpy as np
-
-  from zoo.convert.checkpoint import save_params
-  from zoo.errors import ZooError
-  from zoo.lora import adapted_paths
-  from zoo.models.llama import params_of
   if adapted_paths(model):
     raise ZooError("the model has LoRA adapters: save them with zoo.lora.save_adapter, or save "
                    "zoo.lora.merged_model(model)")

@@ -14,12 +14,30 @@ A user mistake is reported as one line on stderr with exit status 2, never a tra
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
 import tempfile
 
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+import zoo
+from zoo import distributed, launch
+from zoo.convert.checkpoint import convert, detect_format
+from zoo.convert.random_init import init_checkpoint
+from zoo.convert.verify import compare, compare_gguf
+from zoo.data.chat import render_chat
+from zoo.data.tokenizers import load_tokenizer
 from zoo.errors import ZooError
+from zoo.infer.evaluate import compressed_bits_per_byte, documents, perplexity
+from zoo.infer.generate import Generator, Sampling
+from zoo.lora import adapter_to_peft
+from zoo.models.presets import PRESETS
+from zoo.train.config import REPO_ROOT, config_path
+from zoo.train.loop import train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,14 +54,11 @@ def _size(text: str) -> int:
 
 
 def cmd_convert(args) -> int:
-  from zoo.convert.checkpoint import convert
   if args.to == "peft":
-    from zoo.lora import adapter_to_peft
     spec, weights = adapter_to_peft(args.src, args.dst, force=args.force)
     print(f"wrote peft adapter {args.dst} (rank {spec.rank}, {len(weights) // 2} modules)")
     return 0
   if args.verify and args.to != "gguf":
-    from zoo.convert.checkpoint import detect_format
     if "hf" not in (detect_format(args.src), args.to):
       raise ZooError("--verify compares with transformers, so one side must be an hf "
                      "checkpoint")
@@ -63,7 +78,6 @@ def cmd_convert(args) -> int:
 
 
 def verify_gguf(src: str, gguf_path: str, tolerance: float | None) -> int:
-  from zoo.convert.verify import compare_gguf
   diff, allowed = compare_gguf(src, gguf_path, tolerance=tolerance)
   ok = diff <= allowed
   print(f"verify: max |logit difference| zoo vs llama.cpp = {diff:.3g} "
@@ -73,7 +87,6 @@ def verify_gguf(src: str, gguf_path: str, tolerance: float | None) -> int:
 
 def verify(hf_dir: str, zoo_path: str, tolerance: float, weights_dtype: str | None = None
            ) -> int:
-  from zoo.convert.verify import compare
   diff, allowed = compare(hf_dir, zoo_path, tolerance=tolerance, weights_dtype=weights_dtype)
   ok = diff <= allowed
   print(f"verify: max |logit difference| zoo vs transformers = {diff:.3g} "
@@ -82,7 +95,6 @@ def verify(hf_dir: str, zoo_path: str, tolerance: float, weights_dtype: str | No
 
 
 def _parse_overrides(pairs: list[str]) -> dict:
-  import json
   out = {}
   for pair in pairs:
     key, sep, value = pair.partition("=")
@@ -95,37 +107,6 @@ def _parse_overrides(pairs: list[str]) -> dict:
   return out
 
 
-def init_checkpoint(preset: str, dst: str, *, to: str = "zoo", seed: int = 0,
-                    dtype: str | None = None, force: bool = False, std: float | None = None,
-                    overrides: dict | None = None):
-  """Writes a randomly initialised model of `preset` to `dst` (format `to`)."""
-  import numpy as np
-  from flax import nnx
-
-  from zoo.convert.checkpoint import Checkpoint, convert, save_params
-  from zoo.models.llama import Llama, params_of
-  from zoo.models.presets import get_preset
-  try:
-    config = get_preset(preset, **(overrides or {}))
-  except TypeError as e:
-    raise ZooError(f"bad --set: {e}") from None
-  if std is not None:
-    config = config.replace(initializer_range=std)
-  params = {k: np.asarray(v) for k, v in params_of(Llama(config, rngs=nnx.Rngs(seed))).items()}
-  if std is not None:  # norms too, so that a mis-mapped norm cannot hide behind ones
-    rng = np.random.default_rng(seed)
-    for name in params:
-      if name.endswith(".scale"):
-        params[name] = (1 + std * rng.standard_normal(params[name].shape)).astype(np.float32)
-  if to == "zoo":
-    save_params(config, params, dst, force=force, dtype=dtype)
-    return
-  with tempfile.TemporaryDirectory() as tmp:
-    save_params(config, params, os.path.join(tmp, "zoo"), dtype=dtype)
-    Checkpoint(os.path.join(tmp, "zoo"))
-    convert(os.path.join(tmp, "zoo"), dst, to, force=force)
-
-
 def cmd_init(args) -> int:
   init_checkpoint(args.preset, args.dst, to=args.to, seed=args.seed, dtype=args.dtype,
                   force=args.force, std=args.std, overrides=_parse_overrides(args.set))
@@ -134,7 +115,6 @@ def cmd_init(args) -> int:
 
 
 def cmd_presets(args) -> int:
-  from zoo.models.presets import PRESETS
   for name, c in PRESETS.items():
     print(f"{name:18s} {c.family:8s} {c.num_params() / 1e9:8.3f}B  layers={c.num_layers} "
           f"hidden={c.hidden_size} heads={c.num_heads}/{c.num_kv_heads} vocab={c.vocab_size}")
@@ -143,9 +123,6 @@ def cmd_presets(args) -> int:
 
 def cmd_demo(args) -> int:
   """A small end-to-end run: random model -> HF -> zoo, then a forward pass on both sides."""
-  import numpy as np
-
-  import zoo
   workdir = args.workdir or tempfile.mkdtemp(prefix="zoo-demo-")
   os.makedirs(workdir, exist_ok=True)
   hf_dir, zoo_dir = os.path.join(workdir, "hf"), os.path.join(workdir, "zoo")
@@ -169,8 +146,6 @@ def cmd_demo(args) -> int:
 
 
 def _load_for_inference(args):
-  import zoo
-  from zoo.data.tokenizers import load_tokenizer
   model = zoo.load(args.checkpoint, dtype=args.dtype, adapter=getattr(args, "adapter", None))
   tokenizer = None
   source = args.tokenizer or args.checkpoint
@@ -182,7 +157,6 @@ def _load_for_inference(args):
 
 def _stop_ids(args, model, tokenizer) -> list[int]:
   """EOS ids from the tokenizer and the checkpoint's generation_config.json, plus --stop."""
-  import json
   ids = set(args.stop_id or [])
   if args.ignore_eos:
     return sorted(ids)
@@ -202,9 +176,6 @@ def _stop_ids(args, model, tokenizer) -> list[int]:
 
 
 def cmd_generate(args) -> int:
-  import json
-
-  from zoo.infer.generate import Generator, Sampling
   if (args.prompt is None) == (args.prompt_ids is None):
     raise ZooError("generate: give exactly one of --prompt TEXT and --prompt-ids 1,2,3")
   sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -222,7 +193,6 @@ def cmd_generate(args) -> int:
       raise ZooError(f"generate: {args.checkpoint} has no tokenizer (tokenizer.json or "
                      "tokenizer.model): give --tokenizer FILE or --prompt-ids")
     if args.chat:
-      from zoo.infer.chat import render_chat
       template_dir = args.tokenizer if args.tokenizer and os.path.isdir(args.tokenizer) \
         else args.checkpoint
       # The template writes the BOS token itself, as text.
@@ -263,9 +233,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-  import json
-
-  from zoo.infer.evaluate import compressed_bits_per_byte, documents, perplexity
   model, tokenizer = _load_for_inference(args)
   if tokenizer is None:
     raise ZooError(f"eval: {args.checkpoint} has no tokenizer (tokenizer.json or "
@@ -290,15 +257,10 @@ def cmd_eval(args) -> int:
   return 0
 
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def train_main(argv: list[str]) -> int:
   """`zoo train`: ml_collections config files with --config.FIELD=VALUE overrides (locked)."""
-  from absl import flags
-  from ml_collections import config_flags
-
-  from zoo.train.config import config_path
   argv = list(argv)
   for i, arg in enumerate(argv):
     if arg.startswith("--config="):
@@ -330,9 +292,7 @@ def train_main(argv: list[str]) -> int:
   config = fv.config
   name = os.path.splitext(os.path.basename(fv["config"].config_filename))[0]
   workdir = fv.workdir or os.path.join("runs", name)
-  from zoo import distributed
   distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id, fv.cpu_devices)
-  from zoo.train.loop import train
   summary = train(config, workdir)
   if "stopped_by" in summary:
     return 0
@@ -352,7 +312,7 @@ def train_main(argv: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
   p = _Parser(prog="zoo", description="LLaMA-family models in JAX/Flax.")
-  p.add_argument("--version", action="version", version=f"zoo {__import__('zoo').__version__}")
+  p.add_argument("--version", action="version", version=f"zoo {zoo.__version__}")
   sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
   sub.add_parser("train", help="train or fine-tune (zoo train --help for its flags)")
 
@@ -424,7 +384,6 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--adapter", help="a LoRA adapter directory (zoo's or HF peft's) to apply")
   e.set_defaults(func=cmd_eval)
 
-  from zoo import launch
   launch.add_parser(sub)
 
   sub.add_parser("presets", help="list the model presets").set_defaults(func=cmd_presets)

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 from zoo.errors import ZooError
 
 
@@ -43,7 +45,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, cpu_devices: int | None = None) -> bool:
   """Joins the job's processes (see the module docstring); returns whether it is
   multi-process. Must run before anything touches a JAX device."""
-  import jax
   coordinator = coordinator or os.environ.get("ZOO_COORDINATOR") or None
   num_processes = num_processes or _int(os.environ.get("ZOO_NUM_PROCESSES"), "ZOO_NUM_PROCESSES")
   if process_id is None:

@@ -10,14 +10,13 @@ The adapters carry logical axis names from the weights they adapt (A: (in, None)
 (None, out)), so the rules table shards them alongside.
 
 Files: a zoo adapter directory is `zoo_adapter.json` (the spec) + `adapter.safetensors` (dotted
-paths such as `layers.0.self_attn.q_proj.lora_a`); `save_peft`/`load_peft` read and write HF peft's
-`adapter_config.json` + `adapter_model.safetensors`.
+paths such as `layers.0.self_attn.q_proj.lora_a`); `save_peft` writes and `load_adapter` also
+reads HF peft's `adapter_config.json` + `adapter_model.safetensors` (through zoo.convert.peft).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -26,18 +25,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import save
 
 from zoo import sharding
-from zoo.convert.tensors import read_json
+from zoo.convert.peft import PEFT_CONFIG, read_peft_config, read_peft_weights, write_peft
+from zoo.convert.tensors import load_safetensors
 from zoo.errors import ZooError
+from zoo.io import read_json, write_directory
 from zoo.layers.linear import Embed, Linear
 from zoo.models.config import LlamaConfig
-from zoo.models.llama import abstract_model
+from zoo.models.llama import abstract_model, from_params
 
 ADAPTER_META = "zoo_adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
-PEFT_CONFIG = "adapter_config.json"
-PEFT_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_FORMAT_VERSION = 1
 # Module names a target list may use; "all-linear" means every projection but the output head.
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -205,54 +205,44 @@ def merged_params(model) -> dict[str, np.ndarray]:
 
 def merged_model(model):
   """A new plain model (no adapters) whose weights have the adapters folded in."""
-  from zoo.models.llama import from_params
   return from_params(model.config, merged_params(model), dtype=model.dtype)
 
 
 # --- files ----------------------------------------------------------------------------------
 
-def _write_dir(directory: str, files: dict[str, bytes | dict], force: bool):
-  """Writes `files` into `directory` through a temporary directory renamed into place."""
-  from zoo.convert.checkpoint import staged_output
-  with staged_output(directory, force) as tmp:
-    for name, content in files.items():
-      with open(os.path.join(tmp, name), "wb") as f:
-        f.write(content if isinstance(content, bytes) else
-                (json.dumps(content, indent=2) + "\n").encode())
-
-
 def save_adapter(model, directory: str, spec: LoraSpec, *, base_model: str | None = None,
                  force: bool = False):
   """A zoo adapter directory: the spec and the adapter tree (megabytes, not the base)."""
-  from safetensors.numpy import save
   weights = lora_state(model)
   if not weights:
     raise ZooError("the model has no LoRA adapters to save")
   meta = {"format": "zoo-lora", "version": ADAPTER_FORMAT_VERSION, "spec": spec.to_dict(),
           "modules": adapted_paths(model), "base_model": base_model}
-  _write_dir(directory, {ADAPTER_META: meta, ADAPTER_WEIGHTS: save(weights)}, force)
-
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import SafetensorError
-  from safetensors.numpy import load_file
-  if not os.path.isfile(path):
-    raise ZooError(f"adapter weights not found: {path}")
-  try:
-    return load_file(path)
-  except (SafetensorError, OSError, ValueError) as e:
-    raise ZooError(f"bad adapter weights {path}: {str(e).splitlines()[0]}") from None
+  write_directory(directory, {ADAPTER_META: meta, ADAPTER_WEIGHTS: save(weights)}, force)
 
 
 def is_adapter(directory: str) -> bool:
   return any(os.path.isfile(os.path.join(directory, n)) for n in (ADAPTER_META, PEFT_CONFIG))
 
 
-def _spec_from(data: dict, where: str, keys: dict) -> LoraSpec:
+def _spec_from(fields: dict, where: str) -> LoraSpec:
   try:
-    return LoraSpec(**{ours: data[theirs] for ours, theirs in keys.items() if theirs in data})
+    return LoraSpec(**fields)
   except TypeError as e:
     raise ZooError(f"bad adapter config {where}: {e}") from None
+
+
+def _read_zoo_adapter(directory: str) -> tuple[LoraSpec, dict[str, np.ndarray], dict]:
+  """(spec, arrays, the whole zoo_adapter.json) of a zoo adapter directory."""
+  meta_path = os.path.join(directory, ADAPTER_META)
+  meta = read_json(meta_path)
+  if meta.get("format") != "zoo-lora":
+    raise ZooError(f"{meta_path} is not a zoo LoRA adapter")
+  names = {f.name for f in dataclasses.fields(LoraSpec)}
+  spec = _spec_from({k: v for k, v in (meta.get("spec") or {}).items() if k in names},
+                    meta_path)
+  weights = load_safetensors(os.path.join(directory, ADAPTER_WEIGHTS), "adapter weights")
+  return spec, weights, meta
 
 
 def read_adapter(directory: str, model) -> tuple[LoraSpec, dict[str, np.ndarray]]:
@@ -261,16 +251,11 @@ def read_adapter(directory: str, model) -> tuple[LoraSpec, dict[str, np.ndarray]
   directory = os.path.expanduser(directory)
   if not os.path.isdir(directory):
     raise ZooError(f"adapter directory not found: {directory}")
-  zoo_meta = os.path.join(directory, ADAPTER_META)
-  if os.path.isfile(zoo_meta):
-    meta = read_json(zoo_meta)
-    if meta.get("format") != "zoo-lora":
-      raise ZooError(f"{zoo_meta} is not a zoo LoRA adapter")
-    spec = _spec_from(meta.get("spec") or {}, zoo_meta, {f.name: f.name for f in
-                                                         dataclasses.fields(LoraSpec)})
-    weights = _read_safetensors(os.path.join(directory, ADAPTER_WEIGHTS))
+  if os.path.isfile(os.path.join(directory, ADAPTER_META)):
+    spec, weights, _ = _read_zoo_adapter(directory)
   elif os.path.isfile(os.path.join(directory, PEFT_CONFIG)):
-    spec, weights = _read_peft(directory, model)
+    spec = _spec_from(read_peft_config(directory), os.path.join(directory, PEFT_CONFIG))
+    weights = read_peft_weights(directory)
   else:
     raise ZooError(f"{directory} has neither {ADAPTER_META} nor {PEFT_CONFIG}")
   _check_adapter(weights, spec, model, directory)
@@ -326,12 +311,7 @@ def load_adapter(model, directory: str):
   return spec
 
 
-# --- HF peft --------------------------------------------------------------------------------
-
-def _hf_module(path: str) -> str:
-  """zoo module path -> the module's name inside transformers' LlamaForCausalLM."""
-  return path if path == "lm_head" else "model." + path
-
+# --- HF peft (the files: zoo.convert.peft) ---------------------------------------------------
 
 def save_peft(model, directory: str, spec: LoraSpec, *, base_model: str | None = None,
               force: bool = False):
@@ -343,41 +323,11 @@ def save_peft(model, directory: str, spec: LoraSpec, *, base_model: str | None =
   write_peft(lora_state(model), directory, spec, base_model=base_model, force=force)
 
 
-def write_peft(weights: dict[str, np.ndarray], directory: str, spec: LoraSpec, *,
-               base_model: str | None = None, force: bool = False):
-  """Adapter arrays ({zoo path.lora_a: [in, r], path.lora_b: [r, out]}) as a peft directory:
-  `adapter_config.json` and `adapter_model.safetensors` under transformers' module names."""
-  from safetensors.numpy import save
-  if not weights:
-    raise ZooError("no LoRA adapters to export")
-  tensors, names = {}, set()
-  for name, value in sorted(weights.items()):
-    path, _, leaf = name.rpartition(".")
-    prefix = "base_model.model." + _hf_module(path)
-    embedding = path.rsplit(".", 1)[-1] == "embed_tokens"
-    kind = {("lora_a", False): ".lora_A.weight", ("lora_b", False): ".lora_B.weight",
-            ("lora_a", True): ".lora_embedding_A", ("lora_b", True): ".lora_embedding_B"}
-    # peft stores A [r, in] and B [out, r] (the embedding's A [r, vocab], B [dim, r]).
-    tensors[prefix + kind[leaf, embedding]] = np.ascontiguousarray(
-        np.asarray(value, np.float32).T)
-    names.add(path.rsplit(".", 1)[-1])
-  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank,
-            "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "use_rslora": spec.rslora,
-            "target_modules": sorted(names), "bias": "none", "fan_in_fan_out": False,
-            "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-            "base_model_name_or_path": base_model}
-  _write_dir(directory, {PEFT_CONFIG: config, PEFT_WEIGHTS: save(tensors)}, force)
-
-
 def adapter_to_peft(src: str, dst: str, *, force: bool = False):
   """`zoo convert ADAPTER DST --to peft`: a zoo adapter directory in peft's format."""
-  meta_path = os.path.join(os.path.expanduser(src), ADAPTER_META)
-  if not os.path.isfile(meta_path):
+  if not os.path.isfile(os.path.join(os.path.expanduser(src), ADAPTER_META)):
     raise ZooError(f"{src} is not a zoo LoRA adapter (no {ADAPTER_META})")
-  meta = read_json(meta_path)
-  spec = _spec_from(meta.get("spec") or {}, meta_path,
-                    {f.name: f.name for f in dataclasses.fields(LoraSpec)})
-  weights = _read_safetensors(os.path.join(os.path.expanduser(src), ADAPTER_WEIGHTS))
+  spec, weights, meta = _read_zoo_adapter(os.path.expanduser(src))
   for name, value in weights.items():
     leaf = name.rpartition(".")[2]
     if leaf not in ("lora_a", "lora_b") or value.ndim != 2 or \
@@ -388,57 +338,9 @@ def adapter_to_peft(src: str, dst: str, *, force: bool = False):
   return spec, weights
 
 
-_PEFT_NAME = re.compile(r"base_model\.model\.(?P<module>.+)\.(?P<kind>lora_A\.weight|"
-                        r"lora_B\.weight|lora_embedding_A|lora_embedding_B)")
-
-
-_PEFT_BASE = re.compile(r"base_model\.model\.(?P<module>.+)\.base_layer\.weight")
-
-
-def _read_peft(directory: str, model) -> tuple[LoraSpec, dict[str, np.ndarray]]:
-  path = os.path.join(directory, PEFT_CONFIG)
-  config = read_json(path)
-  if config.get("peft_type", "LORA") != "LORA":
-    raise ZooError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
-  for key, ok in (("fan_in_fan_out", False), ("bias", "none"), ("use_dora", False)):
-    if config.get(key, ok) not in (ok, None):
-      raise ZooError(f"{path}: {key}={config[key]!r} is not supported")
-  if config.get("rank_pattern") or config.get("alpha_pattern"):
-    raise ZooError(f"{path}: per-module rank_pattern/alpha_pattern is not supported")
-  targets = config.get("target_modules") or ()
-  if isinstance(targets, str):
-    targets = ("re:" + targets,)
-  spec = _spec_from(dict(config, target_modules=tuple(targets)), path, {
-      "rank": "r", "alpha": "lora_alpha", "targets": "target_modules",
-      "dropout": "lora_dropout", "rslora": "use_rslora"})
-  weights_path = os.path.join(directory, PEFT_WEIGHTS)
-  if not os.path.isfile(weights_path) and os.path.isfile(
-      os.path.join(directory, "adapter_model.bin")):
-    raise ZooError(f"{directory} holds adapter_model.bin; save the adapter as safetensors")
-  out = {}
-  for name, value in _read_safetensors(weights_path).items():
-    full = _PEFT_BASE.fullmatch(name)
-    if full:  # peft saves a targeted embedding or head whole too (save_embedding_layers)
-      module = full["module"]
-      module = module[len("model."):] if module.startswith("model.") else module
-      leaf = "embedding" if module.endswith("embed_tokens") else "kernel"
-      value = np.asarray(value, np.float32)
-      out[f"{module}.{leaf}"] = np.ascontiguousarray(value if leaf == "embedding" else value.T)
-      continue
-    m = _PEFT_NAME.fullmatch(name)
-    if not m:
-      raise ZooError(f"{weights_path}: unexpected tensor {name}")
-    module = m["module"]
-    module = module[len("model."):] if module.startswith("model.") else module
-    module = re.sub(r"\.default$", "", module)
-    leaf = "lora_a" if m["kind"] in ("lora_A.weight", "lora_embedding_A") else "lora_b"
-    out[f"{module}.{leaf}"] = np.ascontiguousarray(np.asarray(value, np.float32).T)
-  return spec, out
-
-
 __all__ = ["LoraSpec", "add_lora", "adapted_paths", "lora_state", "merge", "unmerge",
            "merged_params", "merged_model", "save_adapter", "read_adapter", "load_adapter", "attach",
-           "save_peft", "write_peft", "adapter_to_peft", "is_adapter"]
+           "save_peft", "adapter_to_peft", "is_adapter", "LoraTrees", "split_for_training"]
 
 
 @dataclasses.dataclass

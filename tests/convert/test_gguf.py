@@ -17,9 +17,10 @@ import pytest
 import sentencepiece as spm
 
 import zoo
-from zoo.cli import init_checkpoint, main
+from zoo.cli import main
 from zoo.convert import convert
 from zoo.convert.gguf import tiktoken_merges
+from zoo.convert.random_init import init_checkpoint
 from zoo.data.tokenizers import load_tokenizer, parse_tiktoken_ranks, train_sentencepiece
 from zoo.infer.generate import Generator, Sampling
 

@@ -12,5 +12,5 @@ def tiny_llama(**overrides):
 
 def write_checkpoint(dst: str, overrides: dict, to: str = "zoo"):
   """A randomly initialised `tiny_llama(**overrides)` written to `dst` in format `to`."""
-  from zoo.cli import init_checkpoint
+  from zoo.convert.random_init import init_checkpoint
   init_checkpoint("tiny_llama", dst, to=to, overrides=overrides)

@@ -15,19 +15,19 @@ anything is written.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 
 import numpy as np
 
 from zoo.convert import gguf, hf, meta
 from zoo.convert.tensors import (WEIGHT_SUFFIXES, ShardedWriter, TensorSource, numpy_dtype,
-                                 read_json, weight_files, write_json)
+                                 weight_files)
 from zoo.errors import ZooError
+from zoo.io import read_json, staged_file, staged_output, write_json
 from zoo.models.config import LlamaConfig
+from zoo.models.llama import Llama, from_params
 
 ZOO_META = "zoo.json"
 ZOO_FORMAT_VERSION = 1
@@ -181,59 +181,6 @@ class Checkpoint:
     return out
 
 
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
-@contextlib.contextmanager
-def staged_file(dst: str, force: bool):
-  """A temporary file name beside `dst`, renamed to `dst` only if the block succeeds."""
-  dst = os.path.abspath(dst)
-  if os.path.lexists(dst) and not force:
-    raise ZooError(f"{dst} already exists (pass --force to replace it)")
-  if os.path.isdir(dst):
-    raise ZooError(f"{dst} is a directory; a GGUF output is one file")
-  parent = os.path.dirname(dst)
-  if not os.path.isdir(parent):
-    raise ZooError(f"cannot write {dst}: directory {parent} does not exist")
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
-  os.close(fd)
-  os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for secrets, not model files
-  try:
-    yield tmp
-  except BaseException:
-    os.unlink(tmp)
-    raise
-  os.replace(tmp, dst)
-
-
-@contextlib.contextmanager
-def staged_output(dst: str, force: bool):
-  """A temporary directory beside `dst`, renamed to `dst` only if the block succeeds."""
-  dst = os.path.abspath(dst)
-  if os.path.lexists(dst) and not force:
-    raise ZooError(f"{dst} already exists (pass --force to replace it)")
-  parent = os.path.dirname(dst)
-  if not os.path.isdir(parent):
-    raise ZooError(f"cannot write {dst}: directory {parent} does not exist")
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
-  os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the output from other users
-  try:
-    yield tmp
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  if os.path.lexists(dst):
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
-    os.rename(dst, os.path.join(old, "replaced"))
-    os.rename(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
-  else:
-    os.rename(tmp, dst)
-
-
 def _dtype_name(dtype: np.dtype) -> str:
   return {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
     np.dtype(dtype).name, "float32")
@@ -320,3 +267,11 @@ def save_params(config: LlamaConfig, params: dict[str, np.ndarray], dst: str, *,
       writer.write(name, np.asarray(params[name]))
     writer.close()
     write_zoo_meta(tmp, config)
+
+
+def load_model(path: str, dtype="float32", param_dtype=None, **model_kwargs) -> Llama:
+  """The model stored at `path` (format detected), computing in `dtype`, its parameters held
+  in `param_dtype` (default: dtype)."""
+  ckpt = Checkpoint(path)
+  return from_params(ckpt.config, ckpt.params(), dtype=dtype, param_dtype=param_dtype or dtype,
+                     **model_kwargs)

@@ -21,14 +21,22 @@ which both compute the same thing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
 
+import gguf
 import numpy as np
+from gguf.vocab import bytes_to_unicode
+from sentencepiece import sentencepiece_model_pb2
 
-from zoo.convert import meta
+from zoo.convert import hf, meta
+from zoo.data.chat import load_chat_template
+from zoo.data.tokenizers import (LLAMA3_SPECIAL_TOKENS, SentencePieceTokenizer, load_tokenizer,
+                                 parse_tiktoken_ranks)
 from zoo.errors import ZooError
+from zoo.layers.rope import base_inv_freq, llama3_inv_freq
 from zoo.models.config import LlamaConfig
 
 # --dtype names for GGUF; 1-D tensors and the MoE router stay float32 whatever is asked, as
@@ -127,9 +135,8 @@ def to_stored(t: Tensor, array: np.ndarray) -> np.ndarray:
 def rope_factors(c: LlamaConfig) -> np.ndarray:
   """llama3 rope scaling as llama.cpp applies it: a per-frequency divisor of the base
   frequencies (its `rope_freqs.weight`), taken from zoo's own scaled frequencies."""
-  from zoo.layers.rope import _base_inv_freq, _llama3_inv_freq
-  base = _base_inv_freq(c.rope_theta, c.head_dim)
-  return (base.astype(np.float64) / _llama3_inv_freq(base, c.rope_scaling)).astype(np.float32)
+  base = base_inv_freq(c.rope_theta, c.head_dim)
+  return (base.astype(np.float64) / llama3_inv_freq(base, c.rope_scaling)).astype(np.float32)
 
 
 def context_length(c: LlamaConfig) -> int:
@@ -169,7 +176,6 @@ class Vocab:
   def pad_to(self, size: int, source: str):
     """Fills ids up to the model's vocabulary with unused tokens, as llama.cpp's converter
     does for padded embedding tables."""
-    import gguf
     if len(self.tokens) > size:
       raise ZooError(f"the tokenizer ({source}) has {len(self.tokens)} tokens but the model's "
                      f"vocabulary is {size}")
@@ -181,7 +187,6 @@ class Vocab:
 
 
 def _sentencepiece_vocab(path: str) -> Vocab:
-  from sentencepiece import sentencepiece_model_pb2
   proto = sentencepiece_model_pb2.ModelProto()
   with open(path, "rb") as f:
     proto.ParseFromString(f.read())
@@ -219,9 +224,6 @@ def tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 
 
 def _tiktoken_vocab(path: str, tokenizer) -> Vocab:
-  from gguf.vocab import bytes_to_unicode
-  from zoo.data.tokenizers import LLAMA3_SPECIAL_TOKENS, parse_tiktoken_ranks
-  import gguf
   with open(path, "rb") as f:
     ranks = parse_tiktoken_ranks(f.read(), path)
   table = bytes_to_unicode()
@@ -255,8 +257,6 @@ def _split_patterns(node) -> list[str]:
 
 def _hf_vocab(path: str, tokenizer) -> Vocab:
   """A byte-level BPE tokenizer.json (LLaMA 3, Qwen2)."""
-  import json
-  import gguf
   with open(path, encoding="utf-8") as f:
     spec = json.load(f)
   model = spec.get("model") or {}
@@ -292,7 +292,6 @@ def _hf_vocab(path: str, tokenizer) -> Vocab:
 def vocab_of(ckpt) -> Vocab:
   """The GGUF vocabulary of the checkpoint's tokenizer: tokenizer.model (SentencePiece or
   tiktoken BPE) first, else a byte-level BPE tokenizer.json."""
-  from zoo.data.tokenizers import SentencePieceTokenizer, load_tokenizer
   files = {os.path.basename(p): p for p in ckpt.side_files}
   path = files.get("tokenizer.model") or files.get("tokenizer.json")
   if path is None:
@@ -317,7 +316,6 @@ def vocab_of(ckpt) -> Vocab:
 
 
 def _chat_template(directory: str) -> str | None:
-  from zoo.infer.chat import load_chat_template
   try:
     return load_chat_template(directory)[0]
   except ZooError:
@@ -328,7 +326,6 @@ def _chat_template(directory: str) -> str | None:
 # Writing.
 
 def _qtype(t: Tensor, requested: str):
-  import gguf
   q = gguf.GGMLQuantizationType
   if len(t.shape) == 1 or t.name.endswith(_KEEP_F32):
     return q.F32
@@ -355,8 +352,6 @@ def default_dtype(ckpt) -> str:
 def write_gguf(ckpt, path: str, dtype: str | None = None) -> list[str]:
   """Writes the opened checkpoint `ckpt` as the GGUF file `path` (which must not exist);
   returns notes for the user (a capped context)."""
-  import gguf
-  from zoo.convert import hf
   c = ckpt.config
   requested = file_type(dtype, ckpt)
   check_exportable(c)

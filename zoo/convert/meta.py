@@ -28,8 +28,10 @@ import re
 import ml_dtypes
 import numpy as np
 
-from zoo.convert.tensors import TensorInfo, _torch_load, _torch_to_numpy, read_json, write_json
+from zoo.convert.tensors import TensorInfo, torch_to_numpy
+from zoo.data.tokenizers import load_tokenizer
 from zoo.errors import ZooError
+from zoo.io import load_torch, read_json, write_json
 from zoo.models.config import LlamaConfig, llama3_scaling
 
 PARAMS = "params.json"
@@ -163,7 +165,6 @@ def _context_length(theta: float, scaled: bool) -> int:
 def _special_ids(tokenizer: str | None) -> tuple[int | None, int | None]:
   if tokenizer is None or not os.path.isfile(tokenizer):
     return None, None
-  from zoo.data.tokenizers import load_tokenizer
   try:
     tok = load_tokenizer(tokenizer)
   except ZooError:  # an unreadable tokenizer does not stop a weight conversion
@@ -276,7 +277,7 @@ class MetaSource:
     self.files = shard_files(directory)
     if not self.files:
       raise ZooError(f"{directory} has {PARAMS} but no consolidated.*.pth weights")
-    self.states = [_torch_load(path) for path in self.files]
+    self.states = [load_torch(path) for path in self.files]
     n = len(self.files)
     names = list(self.states[0])
     for path, state in zip(self.files[1:], self.states[1:]):
@@ -299,7 +300,7 @@ class MetaSource:
                          f"{tuple(getattr(t, 'shape', ()))} {getattr(t, 'dtype', None)} in "
                          f"{os.path.basename(path)}")
       self.shard_shapes[name] = tuple(first.shape)
-      dtypes[name] = _torch_to_numpy(first.reshape(-1)[:0]).dtype
+      dtypes[name] = torch_to_numpy(first.reshape(-1)[:0]).dtype
     self.embed_split, vocab = 0, None
     embed = self.shard_shapes.get("tok_embeddings.weight")
     if embed is not None and len(embed) == 2 and isinstance(params.get("dim"), int):
@@ -375,7 +376,7 @@ class MetaSource:
     if index is not None:
       raise ZooError("Meta checkpoints have no stacked tensors")
     split = self._split(name)
-    pieces = [_torch_to_numpy(state[name]) for state in self.states]
+    pieces = [torch_to_numpy(state[name]) for state in self.states]
     if split is not None:
       return np.concatenate(pieces, axis=split)
     for path, piece in zip(self.files[1:], pieces[1:]):

@@ -2,9 +2,9 @@
 
 Reading: safetensors (header parsed here, each tensor read with one `np.fromfile`, so nothing but
 the tensor asked for is in memory) and PyTorch `.bin` files (`torch.load(weights_only=True)`,
-one file at a time). The `safetensors` library has no incremental writer, so `ShardedWriter`
-lays out the files from a plan (names, dtypes, shapes known up front), then fills each tensor, or
-one slice of a stacked tensor, in place. Its output is read back by `safetensors` and
+one file at a time, by `zoo.io.load_torch`). The `safetensors` library has no incremental
+writer, so `ShardedWriter` lays out the files from a plan (names, dtypes, shapes known up front),
+then fills each tensor, or one slice of a stacked tensor, in place. Its output is read back by `safetensors` and
 transformers in the tests.
 """
 
@@ -18,8 +18,11 @@ from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
 from zoo.errors import ZooError
+from zoo.io import load_torch
 
 ST_DTYPES = {
   "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -80,28 +83,23 @@ def read_safetensors_header(path: str) -> dict[str, TensorInfo]:
   return out
 
 
-def _torch_to_numpy(t) -> np.ndarray:
-  import torch
+def load_safetensors(path: str, what: str = "weights") -> dict[str, np.ndarray]:
+  """Every tensor of a (small) safetensors file, in memory; ZooErrors name the file as `what`."""
+  if not os.path.isfile(path):
+    raise ZooError(f"{what} not found: {path}")
+  try:
+    return load_file(path)
+  except (SafetensorError, OSError, ValueError) as e:
+    raise ZooError(f"bad {what} {path}: {str(e).splitlines()[0]}") from None
+
+
+def torch_to_numpy(t) -> np.ndarray:
+  """A PyTorch tensor as a numpy array of the same dtype (bfloat16 as ml_dtypes')."""
+  import torch  # optional: only .bin/.pth inputs need it
   t = t.detach().cpu().contiguous()
   if t.dtype == torch.bfloat16:
     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   return t.numpy()
-
-
-def _torch_load(path: str) -> dict:
-  try:
-    import torch
-  except ImportError:
-    raise ZooError(f"reading {os.path.basename(path)} needs PyTorch: pip install 'zoo[torch]'"
-                   ) from None
-  try:
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-  except Exception as e:  # torch raises many types for damaged or unsafe files
-    raise ZooError(f"{path} is not a loadable PyTorch weights file ({str(e).splitlines()[0]})"
-                   ) from None
-  if not isinstance(state, dict):
-    raise ZooError(f"{path} does not hold a dict of tensors")
-  return state
 
 
 class TensorSource:
@@ -115,9 +113,9 @@ class TensorSource:
       if path.endswith(".safetensors"):
         infos = read_safetensors_header(path)
       else:
-        infos = {name: TensorInfo(path, _torch_to_numpy(t.reshape(-1)[:0]).dtype,
+        infos = {name: TensorInfo(path, torch_to_numpy(t.reshape(-1)[:0]).dtype,
                                   tuple(t.shape), -1)
-                 for name, t in _torch_load(path).items()}
+                 for name, t in load_torch(path).items()}
       for name, info in infos.items():
         if name in self.infos:
           raise ZooError(f"tensor {name} appears in both {self.infos[name].file} and {path}")
@@ -134,9 +132,9 @@ class TensorSource:
     if info.offset < 0:
       if self._bin_path != info.file:
         self._bin_path, self._bin_state = None, None  # drop the previous file first
-        self._bin_state, self._bin_path = _torch_load(info.file), info.file
+        self._bin_state, self._bin_path = load_torch(info.file), info.file
       t = self._bin_state[name]
-      return _torch_to_numpy(t if index is None else t[index])
+      return torch_to_numpy(t if index is None else t[index])
     shape, offset = info.shape, info.offset
     if index is not None:
       shape = shape[1:]
@@ -247,22 +245,3 @@ def weight_files(directory: str, stem: str) -> list[str]:
       return [single]
   raise ZooError(f"no weights found in {directory} (expected {stem}.safetensors, an index, "
                  "or pytorch_model.bin)")
-
-
-def read_json(path: str) -> dict:
-  """A JSON object from `path`; a ZooError naming the file if it is missing, bad or not an
-  object."""
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ZooError(f"cannot read {path}: {e}") from None
-  if not isinstance(data, dict):
-    raise ZooError(f"{path} does not hold a JSON object")
-  return data
-
-
-def write_json(path: str, data):
-  with open(path, "w") as f:
-    json.dump(data, f, indent=2)
-    f.write("\n")

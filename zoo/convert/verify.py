@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 
+from zoo.convert.checkpoint import load_model
+from zoo.convert.gguf import TOLERANCES
 from zoo.errors import ZooError
 
 
@@ -30,9 +33,8 @@ def compare(hf_dir: str, zoo_path: str, *, weights_dtype: str | None = None, bat
   Both compute in float32; with `weights_dtype` (a conversion that cast the weights) both first
   round their weights to it, so that the comparison measures the conversion, not the cast.
   """
-  import zoo
   weights_dtype = weights_dtype or "float32"
-  model = zoo.load(zoo_path, dtype="float32", param_dtype=weights_dtype)
+  model = load_model(zoo_path, dtype="float32", param_dtype=weights_dtype)
   length = min(length, model.config.max_position_embeddings)
   tokens = np.random.default_rng(seed).integers(0, model.config.vocab_size, (batch, length))
   ours = model.logits(tokens)
@@ -67,16 +69,12 @@ def compare_gguf(src: str, gguf_path: str, *, length: int = 64, seed: int = 0,
   """Max |logit difference| between zoo (float32) on the checkpoint `src` and llama.cpp on its
   GGUF export, over one random sequence within the file's context, and the allowed difference:
   `tolerance` (by default the file type's, gguf.TOLERANCES) times the logits' scale."""
-  import gguf
-
-  import zoo
-  from zoo.convert.gguf import TOLERANCES
   reader = gguf.GGUFReader(gguf_path)
   arch = reader.fields["general.architecture"].contents()
   context = int(reader.fields[f"{arch}.context_length"].contents())
   if tolerance is None:
     tolerance = TOLERANCES[gguf.LlamaFileType(reader.fields["general.file_type"].contents()).name]
-  model = zoo.load(src, dtype="float32")
+  model = load_model(src, dtype="float32")
   length = min(length, context)
   ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, (1, length))
   ours = model.logits(ids)[0]

@@ -21,6 +21,7 @@ import re
 
 import numpy as np
 
+from zoo.data.chat import load_chat_template, render_chat
 from zoo.errors import ZooError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -83,7 +84,6 @@ class InstructFormatter:
     self._tok = tokenizer
     self._template = None
     if template_dir:
-      from zoo.infer.chat import load_chat_template
       try:
         load_chat_template(template_dir)
         self._template = template_dir
@@ -93,7 +93,6 @@ class InstructFormatter:
     self._eos = tokenizer.eos_id if add_eos else None
 
   def _render(self, messages, generation_prompt: bool) -> str:
-    from zoo.infer.chat import render_chat
     return render_chat(self._template, messages, add_generation_prompt=generation_prompt)
 
   def segments(self, record: dict) -> list[tuple[str, bool]]:

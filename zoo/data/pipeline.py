@@ -21,7 +21,9 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
+from zoo.data.instruct import InstructFormatter
 from zoo.data.sources import field, source_id, text_source
 from zoo.data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
 from zoo.errors import ZooError
@@ -160,7 +162,6 @@ def make_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
 def _absl_flags_parsed():
   # grain 0.2.18's worker processes read an absl flag, which raises in a program that never
   # parsed flags (google/grain#1355, fixed upstream); the flags' defaults are what we want.
-  from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -188,7 +189,6 @@ def data_pipeline(data_cfg: Any, tokenizer: Tokenizer, split: str, *, data_dir: 
   source = text_source(data_cfg, split, data_dir)
   formatter = None
   if field(data_cfg, "format", "text") == "instruct":
-    from zoo.data.instruct import InstructFormatter
     formatter = InstructFormatter(tokenizer, template_dir,
                                   add_bos=field(data_cfg, "add_bos", True),
                                   add_eos=field(data_cfg, "add_eos", True))

@@ -17,6 +17,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from zoo.data.instruct import check_record
 from zoo.errors import ZooError
 
 SPLITS = ("train", "validation")
@@ -60,7 +61,6 @@ def read_documents(path: str, doc_id: str, text_key: str = "text", fmt: str = "t
   an instruction or chat record (`zoo.data.instruct`), kept as its JSON text.
   """
   if fmt == "instruct":
-    from zoo.data.instruct import check_record
     if not path.endswith(".jsonl"):
       raise ZooError(f"data.format 'instruct' reads JSONL files, not {path}")
     for lineno, record in _json_lines(path):
@@ -230,7 +230,9 @@ class _RenamedText:
     return f"_RenamedText({self._source!r}, {self._key!r})"
 
 
-def _tfds_source(name: str, split: str, data_dir: str, text_key: str):
+def tfds_source(name: str, split: str, data_dir: str, text_key: str):
+  """The split of the prepared TFDS dataset `name` in `data_dir` as a random-access source of
+  records with a "text" field (read from the feature `text_key`)."""
   if not name:
     raise ZooError("data.source is 'tfds' but data.tfds_name is empty")
   try:
@@ -279,7 +281,7 @@ def text_source(data_cfg: Any, split: str, data_dir: str):
   """
   data_dir = os.path.abspath(os.path.expanduser(str(data_dir)))
   if field(data_cfg, "source", "python_stdlib") == "tfds":
-    return _tfds_source(field(data_cfg, "tfds_name", ""), split, data_dir,
+    return tfds_source(field(data_cfg, "tfds_name", ""), split, data_dir,
                         field(data_cfg, "text_key", "text") or "text")
   if split not in SPLITS:
     raise ZooError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")

@@ -12,13 +12,16 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+import sentencepiece as spm
+import tiktoken
+import tokenizers
 
 from zoo.errors import ZooError
+from zoo.io import staged_file
 
 
 @runtime_checkable
@@ -69,7 +72,6 @@ class SentencePieceTokenizer:
   """A SentencePiece model file (LLaMA 1/2, Mistral, TinyLlama, CodeLlama, or our own)."""
 
   def __init__(self, model_proto: bytes, path: str | None = None):
-    import sentencepiece as spm
     self.path = path
     self._sp = spm.SentencePieceProcessor()
     try:
@@ -132,7 +134,6 @@ class TiktokenTokenizer:
   """A tiktoken BPE rank file in the LLaMA 3 `tokenizer.model` format, with LLaMA 3's specials."""
 
   def __init__(self, ranks: dict[bytes, int], path: str | None = None):
-    import tiktoken
     self.path = path
     num_base = len(ranks)
     specials = {tok: num_base + i for i, tok in enumerate(LLAMA3_SPECIAL_TOKENS)}
@@ -194,10 +195,6 @@ class HFTokenizer:
   """An HF `tokenizer.json`, read with the `tokenizers` library."""
 
   def __init__(self, path: str):
-    try:
-      import tokenizers
-    except ImportError:
-      raise ZooError(f"reading {path} needs the `tokenizers` package") from None
     self.path = path
     try:
       self._tok = tokenizers.Tokenizer.from_file(path)
@@ -293,7 +290,6 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str) 
   whitespace folding, no dummy prefix) so that decode(encode(x)) == x holds for code. On a small
   corpus the vocabulary may come out smaller than `vocab_size`.
   """
-  import sentencepiece as spm
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
@@ -309,14 +305,9 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str) 
     raise ZooError(f"SentencePiece training failed: {_last_line(e)}") from None
   model_path = os.path.abspath(os.path.expanduser(model_path))
   os.makedirs(os.path.dirname(model_path), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(model_path), suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
+  with staged_file(model_path, force=True) as tmp:  # readers never see a half-written model
+    with open(tmp, "wb") as f:
       f.write(model.getvalue())
-    os.replace(tmp, model_path)  # readers never see a half-written model
-  except BaseException:
-    os.unlink(tmp)
-    raise
   return SentencePieceTokenizer(model.getvalue(), model_path)
 
 

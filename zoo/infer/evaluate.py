@@ -11,9 +11,10 @@ import os
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from tqdm import tqdm
 
 from zoo.data.pipeline import make_batches
-from zoo.data.sources import match_files, read_documents
+from zoo.data.sources import match_files, read_documents, tfds_source
 from zoo.errors import ZooError
 from zoo.models.loss import loss_sums
 
@@ -39,9 +40,8 @@ def documents(data: str, *, split: str = "validation", data_dir: str | None = No
     if not records:
       raise ZooError(f"no text in {data}")
     return records
-  from zoo.data.sources import _tfds_source
   data_dir = os.path.expanduser(data_dir or os.path.join("~", "tensorflow_datasets"))
-  return _tfds_source(data, split, os.path.abspath(data_dir), text_key)
+  return tfds_source(data, split, os.path.abspath(data_dir), text_key)
 
 
 def _eval_step(graphdef, params, batch):
@@ -82,7 +82,6 @@ def perplexity(model, tokenizer, source, *, seq_len: int, batch_size: int = 8,
   nll_sum, count = 0.0, 0.0
   bar = None
   if progress:
-    from tqdm import tqdm
     bar = tqdm(unit=" tokens", desc="eval", dynamic_ncols=True)
   for batch in batches:
     nll, weight = step(params, {k: jnp.asarray(v) for k, v in batch.items()})

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
+from zoo.io import staged_file
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("gemv.cc")
@@ -66,7 +68,6 @@ def build(compiler: str | None = None) -> Path:
 def _build_into(out: Path, exe: str) -> Path:
   """`out`, compiled unless it exists; whole or not at all, also with several processes
   building at once."""
-  from zoo.convert.checkpoint import staged_file  # only when compiling
   if not out.exists():
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged_file(str(out), force=True) as tmp:

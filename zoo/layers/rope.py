@@ -16,12 +16,14 @@ import numpy as np
 from zoo.models.config import LlamaConfig
 
 
-def _base_inv_freq(base, dim: int):
+def base_inv_freq(base, dim: int) -> np.ndarray:
+  """The unscaled rotary frequencies [dim // 2], float32: base ** -(2i / dim)."""
   exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
   return (1.0 / (np.float32(base) ** exponents)).astype(np.float32)
 
 
-def _llama3_inv_freq(inv_freq: np.ndarray, s) -> np.ndarray:
+def llama3_inv_freq(inv_freq: np.ndarray, s) -> np.ndarray:
+  """`inv_freq` under llama3 rope scaling `s` (a RopeScaling), float32."""
   # Long wavelengths are divided by `factor`, short ones kept, the band between interpolated.
   old_len = s.original_max_position_embeddings
   low_wavelen = old_len / s.low_freq_factor
@@ -74,11 +76,11 @@ def rope_frequencies(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Arr
   dim, base, s = config.head_dim, config.rope_theta, config.rope_scaling
   kind = s.rope_type if s is not None else "default"
   if kind == "default":
-    return jnp.asarray(_base_inv_freq(base, dim)), 1.0
+    return jnp.asarray(base_inv_freq(base, dim)), 1.0
   if kind == "linear":
-    return jnp.asarray(_base_inv_freq(base, dim) / np.float32(s.factor)), 1.0
+    return jnp.asarray(base_inv_freq(base, dim) / np.float32(s.factor)), 1.0
   if kind == "llama3":
-    return jnp.asarray(_llama3_inv_freq(_base_inv_freq(base, dim), s)), 1.0
+    return jnp.asarray(llama3_inv_freq(base_inv_freq(base, dim), s)), 1.0
   if kind == "yarn":
     inv_freq, attention_factor = _yarn(base, dim, s)
     return jnp.asarray(inv_freq), attention_factor

@@ -43,7 +43,7 @@ def load_chat_template(directory: str) -> tuple[str, dict]:
 def render_chat(directory: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
   """The text of `messages` ([{"role", "content"}]), by default ending with the header of the
   assistant's next turn."""
-  import jinja2
+  import jinja2  # optional: not a dependency of zoo (transformers and torch bring it)
   from jinja2.sandbox import ImmutableSandboxedEnvironment
   template, config = load_chat_template(directory)
 
