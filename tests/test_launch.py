@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.train.test_train import corpus, flags, losses  # noqa: F401
+from tests.helpers import flags, losses
 from zoo.cli import REPO_ROOT
 from zoo.launch import Shell, Status, watch
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from tests.conftest import hf_model
+from tests.helpers import edit_json
+from tests.references import hf_model
 from zoo.cli import main, verify
 from zoo.convert import convert
 
@@ -47,19 +48,6 @@ def test_verify_fails_on_mismatched_weights(save_hf, tmp_path, capsys):
   convert(b, str(tmp_path / "zoo_b"), "zoo")
   assert verify(a, str(tmp_path / "zoo_b"), 1e-4) == 1
   assert "FAILED" in capsys.readouterr().out
-
-
-def edit_json(path, **changes):
-  """Sets fields of the JSON object in `path` (None removes one)."""
-  with open(path) as f:
-    data = json.load(f)
-  for key, value in changes.items():
-    if value is None:
-      data.pop(key, None)
-    else:
-      data[key] = value
-  with open(path, "w") as f:
-    json.dump(data, f)
 
 
 def edit_config(path, **changes):

@@ -6,6 +6,7 @@ The llama.cpp tests skip only when llama-cpp-python is not installed; the test e
 """
 
 import glob
+import importlib.util
 import io
 import json
 import os
@@ -23,7 +24,9 @@ from zoo.convert.gguf import tiktoken_merges
 from zoo.data.tokenizers import load_tokenizer, parse_tiktoken_ranks, train_sentencepiece
 from zoo.infer.generate import Generator, Sampling
 
-LLAMA3_TOKENIZER = os.path.join(os.path.dirname(__import__("llama_models").__file__), "llama3",
+# Meta's llama3 tokenizer file (in the llama_models package): without it the module is skipped
+llama_models = pytest.importorskip("llama_models")
+LLAMA3_TOKENIZER = os.path.join(os.path.dirname(llama_models.__file__), "llama3",
                                 "tokenizer.model")
 TEXTS = ["Hello world", "def main():\n    return 42\n", "  two  spaces,\tand a tab\r\n",
          "emoji 🦙🔥 and ünïcödé 中文", "numbers 1234567 and 3.14159", "it's we'll THEY'RE",
@@ -177,6 +180,8 @@ def test_llamacpp_tokenizes_as_zoo(tokenizer, tokenizers, tmp_path):
   assert llm.tokenize(b"Hello")[0] == ours.bos_id
 
 
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                    reason="needs transformers (its converter of Meta's tokenizer)")
 def test_hf_tokenizer_json(tmp_path):
   """A byte-level BPE tokenizer.json (LLaMA 3's, as transformers converts Meta's file) carries
   over with its merges; llama.cpp tokenizes as the tokenizers library does."""

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.train.test_train import corpus, flags, losses  # noqa: F401
+from tests.helpers import flags, losses
 from zoo.cli import REPO_ROOT
 from zoo.launch import free_port
 
