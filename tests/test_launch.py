@@ -69,6 +69,7 @@ def reference(corpus, tmp_path_factory):  # noqa: F811
   return workdir, losses(workdir)
 
 
+@pytest.mark.slow
 def test_local_launch_trains_and_checkpoints(reference):
   workdir, ref = reference
   assert sorted(ref) == list(range(1, STEPS + 1))
@@ -79,6 +80,7 @@ def test_local_launch_trains_and_checkpoints(reference):
     assert heartbeat(workdir, i)["step"] == STEPS
 
 
+@pytest.mark.slow
 def test_a_dead_worker_stops_the_job(corpus, tmp_path):  # noqa: F811
   proc = local_run(tmp_path, corpus, "--grace", 3, wait=False)
   beats = wait_for(tmp_path, 3, proc)
@@ -90,6 +92,7 @@ def test_a_dead_worker_stops_the_job(corpus, tmp_path):  # noqa: F811
   assert not alive(beats[0]["pid"])  # the survivor was stopped, not left waiting
 
 
+@pytest.mark.slow
 def test_a_stalled_worker_stops_the_job(corpus, tmp_path):  # noqa: F811
   proc = local_run(tmp_path, corpus, "--heartbeat-timeout", 5, "--grace", 2, wait=False)
   beats = wait_for(tmp_path, 3, proc)
@@ -100,6 +103,7 @@ def test_a_stalled_worker_stops_the_job(corpus, tmp_path):  # noqa: F811
   assert not alive(beats[0]["pid"]) and not alive(beats[1]["pid"])
 
 
+@pytest.mark.slow
 def test_restart_resumes_to_the_same_losses(reference, corpus, tmp_path):  # noqa: F811
   _, ref = reference
   proc = local_run(tmp_path, corpus, "--restart", 1, wait=False)
@@ -167,6 +171,7 @@ def fake_gcloud(tmp_path):
   return home, {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_TPU_HOME": str(home)}
 
 
+@pytest.mark.slow
 def test_tpu_run_recreates_a_preempted_spot_vm_and_resumes(corpus, fake_gcloud,  # noqa: F811
                                                            tmp_path):
   home, env = fake_gcloud

@@ -25,6 +25,7 @@ def leftovers(directory) -> list[str]:
   return [n for n in os.listdir(directory) if ".partial-" in n or ".old-" in n]
 
 
+@pytest.mark.slow
 def test_convert_with_verify_then_force(save_hf, tmp_path):
   src = save_hf(hf_model("mixtral", num_local_experts=4))
   result = run_zoo("convert", src, tmp_path / "zoo", "--to", "zoo", "--verify")
@@ -122,6 +123,7 @@ def test_bad_flags_and_paths(tmp_path, capsys):
   assert "does not exist" in err[0] and "invalid choice: 'ggml'" in err[1]
 
 
+@pytest.mark.slow
 def test_demo_runs(tmp_path):
   result = run_zoo("demo", "--workdir", tmp_path)
   assert result.returncode == 0, result.stderr

@@ -117,6 +117,7 @@ def fields(path):
   return reader, {name: f.contents() for name, f in reader.fields.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_llamacpp_logits_and_greedy_ids_match_zoo(variant, tokenizers, tmp_path):
   src, length = make(variant, tokenizers, tmp_path / "hf")
@@ -144,6 +145,7 @@ def test_llamacpp_logits_and_greedy_ids_match_zoo(variant, tokenizers, tmp_path)
   assert theirs == ours
 
 
+@pytest.mark.slow
 def test_llama3_rope_factors_matter(tokenizers, tmp_path):
   """The file without rope_freqs (llama3 scaling dropped) moves llama.cpp's logits far past
   the tolerance: the scaling test above could fail."""
@@ -160,6 +162,7 @@ def test_llama3_rope_factors_matter(tokenizers, tmp_path):
   assert np.abs(np.array(llm.scores[:length]) - ours).max() > 1e-2 * np.abs(ours).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokenizer", ["zoo", "llama2", "llama3"])
 def test_llamacpp_tokenizes_as_zoo(tokenizer, tokenizers, tmp_path):
   src = str(tmp_path / "m")
@@ -180,6 +183,7 @@ def test_llamacpp_tokenizes_as_zoo(tokenizer, tokenizers, tmp_path):
   assert llm.tokenize(b"Hello")[0] == ours.bos_id
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                     reason="needs transformers (its converter of Meta's tokenizer)")
 def test_hf_tokenizer_json(tmp_path):
@@ -293,6 +297,7 @@ def test_sliding_window_caps_the_context(tokenizers, tmp_path, capsys):
   assert fields(str(tmp_path / "m.gguf"))[1]["llama.context_length"] == 16
 
 
+@pytest.mark.slow
 def test_verify_from_a_zoo_checkpoint(tokenizers, tmp_path, capsys):
   src, _ = make("qwen2", tokenizers, tmp_path / "zoo", to="zoo")
   assert main(["convert", src, str(tmp_path / "m.gguf"), "--to", "gguf", "--verify"]) == 0

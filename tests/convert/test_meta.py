@@ -106,6 +106,7 @@ def max_diff(a, b) -> float:
 # ---------------------------------------------------------------------------------------------
 # Meta -> zoo / hf, against the reference.
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_meta_checkpoint_matches_reference(variant, world, tmp_path):
@@ -174,6 +175,7 @@ def test_zoo_meta_zoo_is_bit_identical(shards, dtype, tmp_path):
     assert getattr(c1, field) == getattr(c2, field), field
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shards", [1, 2])
 def test_reference_runs_our_export(shards, tmp_path):
   cli("init", "tiny_llama3", tmp_path / "zoo", "--std", "0.1", "--set",
@@ -363,6 +365,7 @@ def assert_one_line_error(capsys, code, words, out_dir):
   assert [n for n in os.listdir(parent) if ".partial-" in n or ".old-" in n] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD_META))
 def test_bad_meta_input(case, meta_mp2, tmp_path, capsys):
   src = str(tmp_path / "meta")
@@ -403,6 +406,7 @@ def test_bad_export_flags(args, words, tmp_path, capsys):
   assert_one_line_error(capsys, main(["convert", str(tmp_path / "zoo"), out, *args]), words, out)
 
 
+@pytest.mark.slow
 def test_cli_process_reports_one_line(meta_mp2, tmp_path):
   """The installed command, in its own process: exit status 2 and one line on stderr."""
   src = str(tmp_path / "meta")

@@ -27,6 +27,7 @@ def checkpoint(save_hf):
   return model, path, with_tokenizer(path)
 
 
+@pytest.mark.slow
 def test_generate_prompt_ids_json_equals_transformers(checkpoint):
   model, path, _ = checkpoint
   prompt = [1, 17, 40, 9, 33, 100]
@@ -38,6 +39,7 @@ def test_generate_prompt_ids_json_equals_transformers(checkpoint):
   assert isinstance(out["text"], str) and out["text"]
 
 
+@pytest.mark.slow
 def test_generate_text_and_chat_use_the_checkpoints_tokenizer(checkpoint):
   model, path, fast = checkpoint
   text = "w5 w17 w3 w99 w42"
@@ -64,6 +66,7 @@ def test_generate_text_and_chat_use_the_checkpoints_tokenizer(checkpoint):
   assert result.stdout.strip() == out["text"].strip()
 
 
+@pytest.mark.slow
 def test_generate_stops_at_eos_like_transformers(checkpoint):
   model, path, fast = checkpoint
   # make EOS the model's favourite next token after w7, so that generation stops early
@@ -84,6 +87,7 @@ def test_generate_stops_at_eos_like_transformers(checkpoint):
   assert json.loads(result.stdout.strip().splitlines()[-1])["ids"] == ref
 
 
+@pytest.mark.slow
 def test_eval_perplexity_equals_transformers_loss(checkpoint, tmp_path):
   model, path, fast = checkpoint
   rng = np.random.default_rng(0)

@@ -63,6 +63,7 @@ def test_adapted_model_starts_equal_to_base(save_hf):
   np.testing.assert_allclose(before, hf_logits(ref, x), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rslora", [False, True])
 def test_zoo_adapter_to_peft_gives_peft_logits(rslora, save_hf, tmp_path):
   hf_dir = save_hf(hf_model("llama"))

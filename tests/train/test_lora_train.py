@@ -16,6 +16,8 @@ from tests.references import hf_logits
 from zoo.cli import REPO_ROOT, main
 from zoo.convert.checkpoint import Checkpoint, convert
 
+pytestmark = pytest.mark.slow  # `zoo train` runs: the base checkpoint and the LoRA runs
+
 # the references this module checks against; without them it is skipped
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -13,6 +13,8 @@ from tests.helpers import flags, losses
 from zoo.cli import REPO_ROOT
 from zoo.launch import free_port
 
+pytestmark = pytest.mark.slow  # every test spawns `zoo train` processes
+
 STEPS = 6
 
 

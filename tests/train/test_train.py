@@ -25,6 +25,7 @@ def reference(corpus, tmp_path_factory):
   return workdir, losses(workdir)
 
 
+@pytest.mark.slow
 def test_uninterrupted_run_trains_and_writes_its_outputs(reference):
   workdir, ref = reference
   assert sorted(ref) == list(range(1, 13))
@@ -40,6 +41,7 @@ def test_uninterrupted_run_trains_and_writes_its_outputs(reference):
   assert any(n.endswith(".model") for n in os.listdir(os.path.join(workdir, "model")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [3, 6, 9])
 def test_sigkill_then_resume_is_bit_exact(kill_at, corpus, reference, tmp_path):
   _, ref = reference
@@ -53,6 +55,7 @@ def test_sigkill_then_resume_is_bit_exact(kill_at, corpus, reference, tmp_path):
   assert losses(tmp_path) == ref  # every step's loss, bit for bit
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_current_step(corpus, tmp_path):
   proc = zoo_train(tmp_path, *flags(corpus, **{"train.steps": 400,
                                                "train.checkpoint_every": 1000}), wait=False)
@@ -66,6 +69,7 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(corpus, tmp_path):
   assert max(losses(tmp_path)) == saved
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(corpus, reference, tmp_path):
   _, ref = reference
   code, _, err = zoo_train(tmp_path, *flags(corpus, **{"train.steps": 6,
@@ -86,6 +90,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(corpus, reference,
   assert losses(tmp_path) == ref
 
 
+@pytest.mark.slow
 def test_resume_on_a_different_mesh(corpus, reference, tmp_path):
   _, ref = reference
   code, _, err = zoo_train(tmp_path, *flags(corpus, **{"train.steps": 6,
@@ -100,6 +105,7 @@ def test_resume_on_a_different_mesh(corpus, reference, tmp_path):
                              atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_last_good_checkpoint_intact(corpus, tmp_path):
   code, out, err = zoo_train(tmp_path, *flags(corpus, **{"optimizer.lr": 1e30,
                                                          "optimizer.grad_clip": 0.0,
@@ -122,6 +128,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(corpus, tmp_path):
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_runs_a_step_shrunk(config, corpus, tmp_path):
   args = "shrink"
