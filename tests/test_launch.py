@@ -27,7 +27,7 @@ def launch(*args, wait=True, env=None):
   return proc
 
 
-def local_run(workdir, corpus, *launcher_args, wait=True):  # noqa: F811
+def local_run(workdir, corpus, *launcher_args, wait=True):
   return launch("run", "--backend", "local", "--processes", 2, "--cpu-devices", 2,
                 "--poll", 0.2, *launcher_args, "configs/default.py", "--workdir", workdir,
                 *flags(corpus, **{"train.steps": STEPS, "train.checkpoint_every": 5,
@@ -62,7 +62,7 @@ def alive(pid) -> bool:
 
 
 @pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):  # noqa: F811
+def reference(corpus, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("launch")
   code, out, err = local_run(workdir, corpus)
   assert code == 0, err
@@ -81,7 +81,7 @@ def test_local_launch_trains_and_checkpoints(reference):
 
 
 @pytest.mark.slow
-def test_a_dead_worker_stops_the_job(corpus, tmp_path):  # noqa: F811
+def test_a_dead_worker_stops_the_job(corpus, tmp_path):
   proc = local_run(tmp_path, corpus, "--grace", 3, wait=False)
   beats = wait_for(tmp_path, 3, proc)
   os.kill(beats[1]["pid"], signal.SIGKILL)
@@ -93,7 +93,7 @@ def test_a_dead_worker_stops_the_job(corpus, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_a_stalled_worker_stops_the_job(corpus, tmp_path):  # noqa: F811
+def test_a_stalled_worker_stops_the_job(corpus, tmp_path):
   proc = local_run(tmp_path, corpus, "--heartbeat-timeout", 5, "--grace", 2, wait=False)
   beats = wait_for(tmp_path, 3, proc)
   os.kill(beats[1]["pid"], signal.SIGSTOP)
@@ -104,7 +104,7 @@ def test_a_stalled_worker_stops_the_job(corpus, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_restart_resumes_to_the_same_losses(reference, corpus, tmp_path):  # noqa: F811
+def test_restart_resumes_to_the_same_losses(reference, corpus, tmp_path):
   _, ref = reference
   proc = local_run(tmp_path, corpus, "--restart", 1, wait=False)
   beats = wait_for(tmp_path, 12, proc)
@@ -172,8 +172,7 @@ def fake_gcloud(tmp_path):
 
 
 @pytest.mark.slow
-def test_tpu_run_recreates_a_preempted_spot_vm_and_resumes(corpus, fake_gcloud,  # noqa: F811
-                                                           tmp_path):
+def test_tpu_run_recreates_a_preempted_spot_vm_and_resumes(corpus, fake_gcloud, tmp_path):
   home, env = fake_gcloud
   code, out, err = launch("create", "--name", "t", "--zone", "z", "--tpu-type", "v4-8",
                           "--spot", env=env)

@@ -255,6 +255,7 @@ def test_adapters_shard_like_their_weights(save_hf):
   assert q["lora_b"].spec == jax.sharding.PartitionSpec(None, "tensor")
 
 
+@pytest.mark.slow
 def test_bad_specs_and_adapter_files(save_hf, tmp_path):
   from safetensors.numpy import load_file, save_file
   hf_dir = save_hf(hf_model("llama"))
@@ -363,6 +364,7 @@ def lora_step_temp_bytes(quantize, remat):
   return compiled.memory_analysis().temp_size_in_bytes, layer_kernels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_qlora_step_dequantizes_one_layer_at_a_time(remat):
   """A QLoRA step holds the dequantized weights of about one layer at a time, not every
