@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from tests.train.test_train import corpus, flags, losses  # noqa: F401
+from tests.helpers import flags, losses
 from zoo.cli import REPO_ROOT
+from zoo.launch import Shell, Status, watch
 
 STEPS = 40
 
@@ -26,7 +27,7 @@ def launch(*args, wait=True, env=None):
   return proc
 
 
-def local_run(workdir, corpus, *launcher_args, wait=True):  # noqa: F811
+def local_run(workdir, corpus, *launcher_args, wait=True):
   return launch("run", "--backend", "local", "--processes", 2, "--cpu-devices", 2,
                 "--poll", 0.2, *launcher_args, "configs/default.py", "--workdir", workdir,
                 *flags(corpus, **{"train.steps": STEPS, "train.checkpoint_every": 5,
@@ -61,13 +62,14 @@ def alive(pid) -> bool:
 
 
 @pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):  # noqa: F811
+def reference(corpus, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("launch")
   code, out, err = local_run(workdir, corpus)
   assert code == 0, err
   return workdir, losses(workdir)
 
 
+@pytest.mark.slow
 def test_local_launch_trains_and_checkpoints(reference):
   workdir, ref = reference
   assert sorted(ref) == list(range(1, STEPS + 1))
@@ -78,7 +80,8 @@ def test_local_launch_trains_and_checkpoints(reference):
     assert heartbeat(workdir, i)["step"] == STEPS
 
 
-def test_a_dead_worker_stops_the_job(corpus, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_a_dead_worker_stops_the_job(corpus, tmp_path):
   proc = local_run(tmp_path, corpus, "--grace", 3, wait=False)
   beats = wait_for(tmp_path, 3, proc)
   os.kill(beats[1]["pid"], signal.SIGKILL)
@@ -89,7 +92,8 @@ def test_a_dead_worker_stops_the_job(corpus, tmp_path):  # noqa: F811
   assert not alive(beats[0]["pid"])  # the survivor was stopped, not left waiting
 
 
-def test_a_stalled_worker_stops_the_job(corpus, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_a_stalled_worker_stops_the_job(corpus, tmp_path):
   proc = local_run(tmp_path, corpus, "--heartbeat-timeout", 5, "--grace", 2, wait=False)
   beats = wait_for(tmp_path, 3, proc)
   os.kill(beats[1]["pid"], signal.SIGSTOP)
@@ -99,7 +103,8 @@ def test_a_stalled_worker_stops_the_job(corpus, tmp_path):  # noqa: F811
   assert not alive(beats[0]["pid"]) and not alive(beats[1]["pid"])
 
 
-def test_restart_resumes_to_the_same_losses(reference, corpus, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_restart_resumes_to_the_same_losses(reference, corpus, tmp_path):
   _, ref = reference
   proc = local_run(tmp_path, corpus, "--restart", 1, wait=False)
   beats = wait_for(tmp_path, 12, proc)
@@ -166,8 +171,8 @@ def fake_gcloud(tmp_path):
   return home, {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_TPU_HOME": str(home)}
 
 
-def test_tpu_run_recreates_a_preempted_spot_vm_and_resumes(corpus, fake_gcloud,  # noqa: F811
-                                                           tmp_path):
+@pytest.mark.slow
+def test_tpu_run_recreates_a_preempted_spot_vm_and_resumes(corpus, fake_gcloud, tmp_path):
   home, env = fake_gcloud
   code, out, err = launch("create", "--name", "t", "--zone", "z", "--tpu-type", "v4-8",
                           "--spot", env=env)
@@ -208,3 +213,56 @@ def test_unreachable_workers_are_one_line(fake_gcloud):
   lines = err.strip().splitlines()
   assert lines[-1].startswith("zoo: error: `gcloud compute tpus tpu-vm ssh t")
   assert "failed with exit status 1" in lines[-1]
+
+
+class ScriptedJob:
+  """A backend for the watchdog that answers each look with the next Status of a script."""
+
+  def __init__(self, *looks):
+    self.shell, self.looks, self.calls = Shell(), iter(looks), []
+    self.done_message, self.logs = "all done", "the logs"
+
+  def start(self, attempt):
+    self.calls.append(f"start {attempt}")
+
+  def check(self):
+    return next(self.looks)
+
+  def stop(self, grace):
+    self.calls.append(f"stop {grace:g}")
+
+  def recover(self):
+    self.calls.append("recover")
+
+
+def scripted_watch(job, **kwargs):
+  return watch(job, **{**dict(heartbeat_timeout=60, startup_timeout=600, grace=2, poll=0),
+                       **kwargs})
+
+
+def test_watchdog_restarts_after_a_failure_then_gives_up_on_a_stall(capsys):
+  fresh = {"step": 3, "time": time.time() + 3600, "pid": 1, "done": False}
+  stale = {"step": 5, "time": time.time() - 61, "pid": 1, "done": False}
+  job = ScriptedJob(Status(working={0: None, 1: fresh}),  # process 0 is still starting
+                    Status(failure=("process 1 exited with status 3", 3)),
+                    Status(working={0: fresh, 1: stale}))
+  assert scripted_watch(job, restart=1) == 124
+  assert job.calls == ["start 0", "stop 2", "recover", "start 1", "stop 2"]
+  err = capsys.readouterr().err.splitlines()
+  assert err[0] == "zoo launch: process 1 exited with status 3; stopping the job"
+  assert err[1] == "zoo launch: restarting from the latest checkpoint (restart 1 of 1)"
+  assert err[2].startswith("zoo launch: process 1 made no progress for 6")
+  assert err[3] == "zoo launch: giving up after 2 attempt(s); logs in the logs"
+
+
+def test_watchdog_startup_timeout_and_finish(capsys):
+  job = ScriptedJob(Status(working={0: None}), Status(finished=True))
+  assert scripted_watch(job, restart=0) == 0
+  assert capsys.readouterr().out == "zoo launch: all done\n"
+  # before its first beat a process gets the startup timeout, then it is stalled
+  job = ScriptedJob(Status(working={0: None}))
+  assert scripted_watch(job, restart=0, startup_timeout=0, poll=0.01) == 124
+  assert "process 0 made no progress" in capsys.readouterr().err
+  # a failure without an exit status (a TPU job that ended) gives up with 1
+  job = ScriptedJob(Status(failure=("the job ended before finishing", None)))
+  assert scripted_watch(job, restart=0) == 1

@@ -15,7 +15,7 @@ local backend starts N processes on this machine through the same job descriptio
 coordinator, process count and index in ZOO_* variables (zoo.distributed).
 
 The watchdog: every process writes a heartbeat after each step (ZOO_HEARTBEAT_DIR, see
-zoo.train.loop.Heartbeat). A worker that exits with an error, or whose heartbeat is older than
+zoo.train.heartbeat). A worker that exits with an error, or whose heartbeat is older than
 --heartbeat-timeout, gets the whole job stopped (SIGTERM, then SIGKILL after --grace seconds:
 the survivors are usually blocked in a collective with the dead one); with --restart N the job
 is started again, N times at most, and resumes from its latest checkpoint. A preempted spot TPU
@@ -24,6 +24,7 @@ is deleted, created again, set up, and the job restarted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -35,8 +36,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import Protocol
 
 from zoo.errors import ZooError
+from zoo.train import heartbeat
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Cloud TPU accelerator types: generation and chip (or core) count.
@@ -179,6 +182,37 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+# ---------------------------------------------------------------------------------------------
+# The watchdog, over a backend: N local processes, or the workers of a TPU VM.
+
+@dataclasses.dataclass
+class Status:
+  """One look at a running job."""
+  finished: bool = False  # every process has finished well
+  failure: tuple[str, int | None] | None = None  # (what went wrong, the exit status if known)
+  # the latest beat (None: none yet) of each process still at work, by process index
+  working: dict[int, dict | None] = dataclasses.field(default_factory=dict)
+
+
+class Backend(Protocol):
+  """Where the watchdog runs a job."""
+  shell: Shell
+  done_message: str  # printed when the job has finished
+  logs: str  # where the workers' output is, for the message when the watchdog gives up
+
+  def start(self, attempt: int):
+    """Starts every process of the job (with a fresh heartbeat directory)."""
+
+  def check(self) -> Status:
+    """The state of the processes (or the VM) and their beats."""
+
+  def stop(self, grace: float):
+    """SIGTERM to every process, SIGKILL after `grace` seconds."""
+
+  def recover(self):
+    """Makes the job startable again after a failure (a preempted VM is created again)."""
+
+
 class LocalJob:
   """N `zoo train` processes on this machine, joined through a localhost coordinator."""
 
@@ -190,7 +224,8 @@ class LocalJob:
     self.workdir, self.cpu_devices, self.shell = workdir, cpu_devices, shell
     self.procs: list[subprocess.Popen] = []
     self.heartbeat_dir = os.path.join(workdir, "heartbeat")
-    self.log_dir = os.path.join(workdir, "logs")
+    self.log_dir = self.logs = os.path.join(workdir, "logs")
+    self.done_message = f"all {processes} processes finished"
 
   def commands(self, port: int) -> list[tuple[list[str], dict]]:
     out = []
@@ -199,7 +234,7 @@ class LocalJob:
              "--workdir", self.workdir, *self.train_args]
       if self.cpu_devices:
         cmd += ["--cpu_devices", str(self.cpu_devices)]
-      env = {"ZOO_HEARTBEAT_DIR": self.heartbeat_dir}
+      env = {heartbeat.ENV: self.heartbeat_dir}
       if self.n > 1:
         env.update(ZOO_COORDINATOR=f"localhost:{port}", ZOO_NUM_PROCESSES=str(self.n),
                    ZOO_PROCESS_ID=str(i))
@@ -222,18 +257,15 @@ class LocalJob:
         self.procs.append(subprocess.Popen(cmd, env=dict(os.environ, **env), stdout=log,
                                            stderr=subprocess.STDOUT, cwd=REPO_ROOT))
 
-  def poll(self) -> list[int | None]:
-    return [p.poll() for p in self.procs]
-
-  def heartbeats(self) -> list[dict | None]:
-    out = []
-    for i in range(self.n):
-      try:
-        with open(os.path.join(self.heartbeat_dir, f"process_{i}.json")) as f:
-          out.append(json.load(f))
-      except (OSError, ValueError):
-        out.append(None)
-    return out
+  def check(self) -> Status:
+    codes = [p.poll() for p in self.procs]
+    if all(c == 0 for c in codes):
+      return Status(finished=True)
+    for i, code in enumerate(codes):
+      if code not in (None, 0):
+        return Status(failure=(f"process {i} exited with status {code}", code))
+    beats = heartbeat.read_dir(self.heartbeat_dir, self.n)
+    return Status(working={i: beats[i] for i, c in enumerate(codes) if c is None})
 
   def stop(self, grace: float):
     for p in self.procs:
@@ -247,95 +279,93 @@ class LocalJob:
         p.kill()
         p.wait()
 
+  def recover(self):
+    pass
 
-def watch(job: LocalJob, *, restart: int, heartbeat_timeout: float, grace: float,
+
+class TPUJob:
+  """One `zoo train` on every worker of a TPU VM (one process a worker), watched over ssh."""
+
+  def __init__(self, tpu: TPU, config: str, train_args: Sequence[str], heartbeat_dir: str,
+               recreate: dict | None):
+    self.tpu, self.shell = tpu, tpu.shell
+    self.config, self.train_args, self.heartbeat_dir = config, list(train_args), heartbeat_dir
+    self.recreate = recreate  # TPU.create's arguments to create a preempted VM again
+    self.processes = 1
+    self.preempted = None  # the VM's state when it was found preempted
+    self.done_message = "the job has finished; see `zoo launch logs`"
+    self.logs = "~/zoo-train.log on every worker (`zoo launch logs`)"
+
+  def start(self, attempt: int):
+    self.processes = self.tpu.workers()
+    self.tpu.start(self.config, self.train_args, self.heartbeat_dir)
+
+  def check(self) -> Status:
+    state = self.tpu.state()
+    if state in ("PREEMPTED", "TERMINATED") and self.recreate:
+      self.preempted = state
+      return Status(failure=(f"the TPU VM is {state}", None))
+    look = (f"cat {self.heartbeat_dir}/process_*.json 2>/dev/null; "
+            "kill -0 $(cat ~/zoo-train.pid) 2>/dev/null && echo RUNNING")
+    result = self.shell.run(self.tpu.ssh(look), capture=True, check=False)
+    text = result.stdout if result else ""
+    beats = heartbeat.parse(text, self.processes)
+    if all(b and b.get("done") for b in beats):
+      return Status(finished=True)
+    if "RUNNING" not in text:  # on no worker
+      return Status(failure=("the job ended before finishing", None))
+    return Status(working={i: b for i, b in enumerate(beats) if not (b and b.get("done"))})
+
+  def stop(self, grace: float):
+    if not self.preempted:  # a preempted VM took its processes with it
+      self.tpu.stop(grace)
+
+  def recover(self):
+    if self.preempted:
+      print(f"zoo launch: the TPU VM is {self.preempted}; creating it again", file=sys.stderr)
+      self.tpu.delete()
+      self.tpu.create(**self.recreate)
+      self.tpu.setup()
+      self.preempted = None
+
+
+def watch(job: Backend, *, restart: int, heartbeat_timeout: float, grace: float,
           poll: float = 1.0, startup_timeout: float = 1800.0) -> int:
   """Runs `job` until every process ends well (0), or it fails more than `restart` times
-  (the exit status of the failure: the worker's, or 124 for a stalled one)."""
+  (the exit status of the failure: the worker's, 124 for a stalled one, else 1)."""
   attempt = 0
   while True:
     job.start(attempt)
     if job.shell.dry_run:
+      job.check()  # prints the commands one look at the job runs
       return 0
     started = time.time()
     failure = None
     while failure is None:
       time.sleep(poll)
-      codes = job.poll()
-      if all(c == 0 for c in codes):
-        print(f"zoo launch: all {job.n} processes finished")
+      status = job.check()
+      if status.finished:
+        print(f"zoo launch: {job.done_message}")
         return 0
-      bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
-      if bad:
-        i, code = bad[0]
-        failure = (f"process {i} exited with status {code}", code)
-        break
+      failure = status.failure
       now = time.time()
-      for i, beat in enumerate(job.heartbeats()):
-        # before its first step a process compiles and reads data: it gets startup_timeout
-        last, limit = (beat["time"], heartbeat_timeout) if beat else (started, startup_timeout)
-        if codes[i] is None and now - last > limit:
-          failure = (f"process {i} made no progress for {now - last:.0f} s", 124)
-          break
+      for i, beat in status.working.items():
+        late = heartbeat.stalled_for(beat, started=started, now=now,
+                                     heartbeat_timeout=heartbeat_timeout,
+                                     startup_timeout=startup_timeout)
+        if late is not None and failure is None:
+          failure = (f"process {i} made no progress for {late:.0f} s", 124)
     what, code = failure
     print(f"zoo launch: {what}; stopping the job", file=sys.stderr)
     job.stop(grace)
     if attempt >= restart:
-      print(f"zoo launch: giving up after {attempt + 1} attempt(s); logs in {job.log_dir}",
+      print(f"zoo launch: giving up after {attempt + 1} attempt(s); logs in {job.logs}",
             file=sys.stderr)
       return code or 1
     attempt += 1
+    job.recover()
     print(f"zoo launch: restarting from the latest checkpoint (restart {attempt} of "
           f"{restart})", file=sys.stderr)
-
-
-def watch_tpu(tpu: TPU, config: str, train_args: Sequence[str], heartbeat_dir: str, *,
-              restart: int, heartbeat_timeout: float, poll: float, recreate: dict | None,
-              startup_timeout: float = 1800.0, grace: float = 10.0) -> int:
-  """The watchdog for a TPU VM job: the VM's state (a preempted spot VM is created again from
-  `recreate`) and every worker's heartbeat, read over ssh."""
-  attempt = 0
-  tpu.start(config, train_args, heartbeat_dir)
-  if tpu.shell.dry_run:
-    tpu.state()
-    tpu.shell.run(tpu.ssh(f"cat {heartbeat_dir}/process_*.json"), check=False)
-    return 0
-  started = time.time()
-  while True:
-    time.sleep(poll)
-    state = tpu.state()
-    if state in ("PREEMPTED", "TERMINATED") and recreate:
-      print(f"zoo launch: the TPU VM is {state}; creating it again", file=sys.stderr)
-      tpu.delete()
-      tpu.create(**recreate)
-      tpu.setup()
-      failure = "preempted"
-    else:
-      result = tpu.shell.run(tpu.ssh(f"cat {heartbeat_dir}/process_*.json 2>/dev/null; "
-                                     "kill -0 $(cat ~/zoo-train.pid) 2>/dev/null && "
-                                     "echo RUNNING"), capture=True, check=False)
-      text = result.stdout if result else ""
-      beats = [json.loads(m) for m in re.findall(r"\{[^{}]*\}", text)]
-      running = "RUNNING" in text
-      if beats and all(b.get("done") for b in beats):
-        print("zoo launch: the job has finished; see `zoo launch logs`")
-        return 0
-      last = min((b["time"] for b in beats), default=started)
-      limit = heartbeat_timeout if beats else startup_timeout
-      failure = None
-      if not running:
-        failure = "the job ended before finishing"
-      elif time.time() - last > limit:
-        failure = "no progress"
-    if failure is None:
-      continue
-    tpu.stop(grace)
-    if attempt >= restart:
-      print(f"zoo launch: {failure}; giving up", file=sys.stderr)
-      return 1
-    attempt += 1
-    tpu.start(config, train_args, heartbeat_dir)
-    started = time.time()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,11 +457,9 @@ def main(args) -> int:
     if args.recreate_type:
       recreate = dict(tpu_type=check_tpu_type(args.recreate_type),
                       version="tpu-ubuntu2204-base", spot=True)
-    heartbeat = "~/zoo-heartbeat"
-    return watch_tpu(tpu, config, args.train_args, heartbeat, restart=args.restart,
-                     heartbeat_timeout=args.heartbeat_timeout, poll=args.poll,
-                     recreate=recreate, startup_timeout=args.startup_timeout,
-                     grace=args.grace)
+    job = TPUJob(tpu, config, args.train_args, "~/zoo-heartbeat", recreate)
+    return watch(job, restart=args.restart, heartbeat_timeout=args.heartbeat_timeout,
+                 grace=args.grace, poll=args.poll, startup_timeout=args.startup_timeout)
   elif args.action == "logs":
     tpu.logs(args.lines)
   elif args.action == "status":

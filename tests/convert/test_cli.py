@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from tests.conftest import hf_model
+from tests.helpers import edit_json
+from tests.references import hf_model
 from zoo.cli import main, verify
 from zoo.convert import convert
 
@@ -24,6 +25,7 @@ def leftovers(directory) -> list[str]:
   return [n for n in os.listdir(directory) if ".partial-" in n or ".old-" in n]
 
 
+@pytest.mark.slow
 def test_convert_with_verify_then_force(save_hf, tmp_path):
   src = save_hf(hf_model("mixtral", num_local_experts=4))
   result = run_zoo("convert", src, tmp_path / "zoo", "--to", "zoo", "--verify")
@@ -47,19 +49,6 @@ def test_verify_fails_on_mismatched_weights(save_hf, tmp_path, capsys):
   convert(b, str(tmp_path / "zoo_b"), "zoo")
   assert verify(a, str(tmp_path / "zoo_b"), 1e-4) == 1
   assert "FAILED" in capsys.readouterr().out
-
-
-def edit_json(path, **changes):
-  """Sets fields of the JSON object in `path` (None removes one)."""
-  with open(path) as f:
-    data = json.load(f)
-  for key, value in changes.items():
-    if value is None:
-      data.pop(key, None)
-    else:
-      data[key] = value
-  with open(path, "w") as f:
-    json.dump(data, f)
 
 
 def edit_config(path, **changes):
@@ -134,6 +123,7 @@ def test_bad_flags_and_paths(tmp_path, capsys):
   assert "does not exist" in err[0] and "invalid choice: 'ggml'" in err[1]
 
 
+@pytest.mark.slow
 def test_demo_runs(tmp_path):
   result = run_zoo("demo", "--workdir", tmp_path)
   assert result.returncode == 0, result.stderr

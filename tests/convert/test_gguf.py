@@ -6,6 +6,7 @@ The llama.cpp tests skip only when llama-cpp-python is not installed; the test e
 """
 
 import glob
+import importlib.util
 import io
 import json
 import os
@@ -24,7 +25,9 @@ from zoo.convert.random_init import init_checkpoint
 from zoo.data.tokenizers import load_tokenizer, parse_tiktoken_ranks, train_sentencepiece
 from zoo.infer.generate import Generator, Sampling
 
-LLAMA3_TOKENIZER = os.path.join(os.path.dirname(__import__("llama_models").__file__), "llama3",
+# Meta's llama3 tokenizer file (in the llama_models package): without it the module is skipped
+llama_models = pytest.importorskip("llama_models")
+LLAMA3_TOKENIZER = os.path.join(os.path.dirname(llama_models.__file__), "llama3",
                                 "tokenizer.model")
 TEXTS = ["Hello world", "def main():\n    return 42\n", "  two  spaces,\tand a tab\r\n",
          "emoji 🦙🔥 and ünïcödé 中文", "numbers 1234567 and 3.14159", "it's we'll THEY'RE",
@@ -115,6 +118,7 @@ def fields(path):
   return reader, {name: f.contents() for name, f in reader.fields.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_llamacpp_logits_and_greedy_ids_match_zoo(variant, tokenizers, tmp_path):
   src, length = make(variant, tokenizers, tmp_path / "hf")
@@ -142,6 +146,7 @@ def test_llamacpp_logits_and_greedy_ids_match_zoo(variant, tokenizers, tmp_path)
   assert theirs == ours
 
 
+@pytest.mark.slow
 def test_llama3_rope_factors_matter(tokenizers, tmp_path):
   """The file without rope_freqs (llama3 scaling dropped) moves llama.cpp's logits far past
   the tolerance: the scaling test above could fail."""
@@ -158,6 +163,7 @@ def test_llama3_rope_factors_matter(tokenizers, tmp_path):
   assert np.abs(np.array(llm.scores[:length]) - ours).max() > 1e-2 * np.abs(ours).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokenizer", ["zoo", "llama2", "llama3"])
 def test_llamacpp_tokenizes_as_zoo(tokenizer, tokenizers, tmp_path):
   src = str(tmp_path / "m")
@@ -178,6 +184,9 @@ def test_llamacpp_tokenizes_as_zoo(tokenizer, tokenizers, tmp_path):
   assert llm.tokenize(b"Hello")[0] == ours.bos_id
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                    reason="needs transformers (its converter of Meta's tokenizer)")
 def test_hf_tokenizer_json(tmp_path):
   """A byte-level BPE tokenizer.json (LLaMA 3's, as transformers converts Meta's file) carries
   over with its merges; llama.cpp tokenizes as the tokenizers library does."""
@@ -289,6 +298,7 @@ def test_sliding_window_caps_the_context(tokenizers, tmp_path, capsys):
   assert fields(str(tmp_path / "m.gguf"))[1]["llama.context_length"] == 16
 
 
+@pytest.mark.slow
 def test_verify_from_a_zoo_checkpoint(tokenizers, tmp_path, capsys):
   src, _ = make("qwen2", tokenizers, tmp_path / "zoo", to="zoo")
   assert main(["convert", src, str(tmp_path / "m.gguf"), "--to", "gguf", "--verify"]) == 0

@@ -6,16 +6,18 @@ import os
 import ml_dtypes  # noqa: F401  (lets safetensors' numpy reader return bfloat16)
 import numpy as np
 import pytest
-import torch
-from safetensors.numpy import load_file
-from transformers import AutoModelForCausalLM
 
 import zoo
-from tests.conftest import hf_logits, hf_model, tokens
+from tests.helpers import assert_same_tensors, hf_tensors, tokens
+from tests.references import hf_logits, hf_model
 from zoo.cli import main
 from zoo.convert import Checkpoint, convert
 from zoo.convert.hf import config_from_hf
 from zoo.models.llama import params_of
+
+# the references this module checks against; without them it is skipped
+torch = pytest.importorskip("torch")
+AutoModelForCausalLM = pytest.importorskip("transformers").AutoModelForCausalLM
 
 ROUND_TRIP = {
   "llama": ("llama", dict()),
@@ -26,22 +28,6 @@ ROUND_TRIP = {
   "mistral": ("mistral", dict(sliding_window=8)),
   "mixtral": ("mixtral", dict(num_local_experts=4)),
 }
-
-
-def hf_tensors(directory) -> dict[str, np.ndarray]:
-  """All tensors of an HF directory, read with the safetensors library."""
-  out = {}
-  for name in os.listdir(directory):
-    if name.endswith(".safetensors"):
-      out.update(load_file(os.path.join(directory, name)))
-  return out
-
-
-def assert_same_tensors(a: dict, b: dict):
-  assert sorted(a) == sorted(b)
-  for name in a:
-    assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
-    assert a[name].tobytes() == b[name].tobytes(), name
 
 
 @pytest.mark.parametrize("variant", sorted(ROUND_TRIP))

@@ -11,7 +11,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import zoo  # noqa: E402
-from tests.conftest import hf_logits, hf_model, tokens  # noqa: E402
+from tests.helpers import tokens  # noqa: E402
+from tests.references import hf_logits, hf_model  # noqa: E402
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.infer.test_cli import with_tokenizer
+from tests.references import with_tokenizer
 from zoo.data.instruct import InstructFormatter, check_record
 from zoo.data.pipeline import make_batches
 from zoo.data.tokenizers import load_tokenizer

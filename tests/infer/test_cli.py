@@ -7,38 +7,17 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
-from tests.conftest import hf_model
-from tests.infer.test_generate import hf_greedy
+from tests.references import WORDS, hf_greedy, hf_model, with_tokenizer
 
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} "
-                 "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
-WORDS = [f"w{i}" for i in range(120)]
+# the references this module checks against; without them it is skipped
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
 
 
 def run_zoo(*args):
   return subprocess.run([sys.executable, "-m", "zoo.cli", *map(str, args)],
                         capture_output=True, text=True, timeout=600)
-
-
-def with_tokenizer(directory: str) -> transformers.PreTrainedTokenizerFast:
-  """Writes a word-level tokenizer (ids 0..127: <unk> <s> </s> <pad>, role tags, w0..w119)
-  and a chat template beside the weights; returns transformers' view of it."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-  specials = ["<unk>", "<s>", "</s>", "<pad>", "<user>", "<assistant>", "<system>", "<x>"]
-  vocab = {t: i for i, t in enumerate(specials + WORDS)}
-  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-  tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-  tok.add_special_tokens(specials)
-  fast = transformers.PreTrainedTokenizerFast(
-    tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-    pad_token="<pad>")
-  fast.chat_template = CHAT_TEMPLATE
-  fast.save_pretrained(directory)
-  return fast
 
 
 @pytest.fixture
@@ -48,6 +27,7 @@ def checkpoint(save_hf):
   return model, path, with_tokenizer(path)
 
 
+@pytest.mark.slow
 def test_generate_prompt_ids_json_equals_transformers(checkpoint):
   model, path, _ = checkpoint
   prompt = [1, 17, 40, 9, 33, 100]
@@ -59,6 +39,7 @@ def test_generate_prompt_ids_json_equals_transformers(checkpoint):
   assert isinstance(out["text"], str) and out["text"]
 
 
+@pytest.mark.slow
 def test_generate_text_and_chat_use_the_checkpoints_tokenizer(checkpoint):
   model, path, fast = checkpoint
   text = "w5 w17 w3 w99 w42"
@@ -85,6 +66,7 @@ def test_generate_text_and_chat_use_the_checkpoints_tokenizer(checkpoint):
   assert result.stdout.strip() == out["text"].strip()
 
 
+@pytest.mark.slow
 def test_generate_stops_at_eos_like_transformers(checkpoint):
   model, path, fast = checkpoint
   # make EOS the model's favourite next token after w7, so that generation stops early
@@ -105,6 +87,7 @@ def test_generate_stops_at_eos_like_transformers(checkpoint):
   assert json.loads(result.stdout.strip().splitlines()[-1])["ids"] == ref
 
 
+@pytest.mark.slow
 def test_eval_perplexity_equals_transformers_loss(checkpoint, tmp_path):
   model, path, fast = checkpoint
   rng = np.random.default_rng(0)

@@ -4,10 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import zoo
-from tests.conftest import hf_model
+from tests.references import hf_greedy, hf_model
 from zoo import sharding
 from zoo.errors import ZooError
 from zoo.infer.generate import Generator, Sampling, greedy, sample
@@ -30,13 +29,6 @@ PROMPT_LENGTHS = (5, 17, 9)
 def prompts(vocab=128, seed=1):
   rng = np.random.default_rng(seed)
   return [rng.integers(0, vocab, n).tolist() for n in PROMPT_LENGTHS]
-
-
-def hf_greedy(model, prompt, n):
-  ids = torch.tensor([prompt])
-  out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                       min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-  return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

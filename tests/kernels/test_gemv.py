@@ -75,6 +75,7 @@ def test_a_failing_compile_leaves_no_library(tmp_path, monkeypatch):
   assert list((tmp_path / "cache").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_built_library_is_reused(tmp_path, monkeypatch):
   monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path))
   first = gemv.build()
@@ -83,6 +84,7 @@ def test_built_library_is_reused(tmp_path, monkeypatch):
   assert [p.name for p in tmp_path.iterdir()] == [first.name]
 
 
+@pytest.mark.slow
 def test_unwritable_cache_dir_builds_under_the_temporary_directory(tmp_path, monkeypatch):
   blocker = tmp_path / "file"
   blocker.write_text("not a directory")

@@ -9,17 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import peft
 import pytest
-import torch
 from flax import nnx
 
 import zoo
-from tests.conftest import hf_logits, hf_model, tokens
+from tests.helpers import tokens
+from tests.references import hf_logits, hf_model
 from zoo import lora, sharding
 from zoo.errors import ZooError
 from zoo.train.optim import make_optimizer
 from zoo.train.step import init_state, make_train_step
+
+# the references this module checks against; without them it is skipped
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
 
 ALL = ("all-linear", "lm_head", "embed_tokens")
 
@@ -60,6 +63,7 @@ def test_adapted_model_starts_equal_to_base(save_hf):
   np.testing.assert_allclose(before, hf_logits(ref, x), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rslora", [False, True])
 def test_zoo_adapter_to_peft_gives_peft_logits(rslora, save_hf, tmp_path):
   hf_dir = save_hf(hf_model("llama"))
@@ -248,6 +252,7 @@ def test_adapters_shard_like_their_weights(save_hf):
   assert q["lora_b"].spec == jax.sharding.PartitionSpec(None, "tensor")
 
 
+@pytest.mark.slow
 def test_bad_specs_and_adapter_files(save_hf, tmp_path):
   from safetensors.numpy import load_file, save_file
   hf_dir = save_hf(hf_model("llama"))
@@ -354,6 +359,7 @@ def lora_step_temp_bytes(quantize, remat):
   return compiled.memory_analysis().temp_size_in_bytes, layer_kernels
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_qlora_step_dequantizes_one_layer_at_a_time(remat):
   """A QLoRA step holds the dequantized weights of about one layer at a time, not every

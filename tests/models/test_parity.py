@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import zoo
-from tests.conftest import hf_logits, hf_model, tokens
+from tests.helpers import tokens
+from tests.references import hf_logits, hf_model
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 2.0,
                "high_freq_factor": 8.0, "original_max_position_embeddings": 32}

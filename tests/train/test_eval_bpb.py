@@ -6,14 +6,15 @@ import math
 import numpy as np
 import pytest
 
-from tests.train.test_train import corpus, flags  # noqa: F401
+from tests.helpers import flags
 from zoo.cli import main
 from zoo.data.tokenizers import load_tokenizer
 from zoo.train.config import base_config, load_config
 from zoo.train.setup import prepare
 
 
-def test_eval_bpb_is_nats_over_decoded_bytes(corpus, tmp_path, capsys):  # noqa: F811
+@pytest.mark.slow
+def test_eval_bpb_is_nats_over_decoded_bytes(corpus, tmp_path, capsys):
   overrides = {"train.steps": 3, "train.eval_every": 3, "train.eval_batches": 2}
   args = flags(corpus, **overrides)
   assert main(["train", "--workdir", str(tmp_path), *args]) == 0
@@ -41,8 +42,9 @@ def test_eval_bpb_is_nats_over_decoded_bytes(corpus, tmp_path, capsys):  # noqa:
   assert record["eval_bpb"] < record["eval_loss"] / math.log(2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_end_of_run_sample_is_the_generators(corpus, tmp_path, capsys, temperature):  # noqa: F811
+def test_end_of_run_sample_is_the_generators(corpus, tmp_path, capsys, temperature):
   """The sample printed at the end is what zoo.infer.Generator draws from the exported model
   with the config's prompt, temperature, top-p and seed."""
   import zoo

@@ -8,16 +8,20 @@ import subprocess
 import sys
 
 import numpy as np
-import peft
 import pytest
-import torch
-import transformers
 
 import zoo
-from tests.conftest import hf_logits
-from tests.train.test_train import corpus, flags, losses, wait_for_step, zoo_train  # noqa: F401
+from tests.helpers import flags, losses, wait_for_step, zoo_train
+from tests.references import hf_logits
 from zoo.cli import REPO_ROOT, main
 from zoo.convert.checkpoint import Checkpoint, convert
+
+pytestmark = pytest.mark.slow  # `zoo train` runs: the base checkpoint and the LoRA runs
+
+# the references this module checks against; without them it is skipped
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
 
 
 @pytest.fixture(scope="module")

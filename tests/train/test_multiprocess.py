@@ -9,9 +9,11 @@ import sys
 
 import pytest
 
-from tests.train.test_train import corpus, flags, losses  # noqa: F401
+from tests.helpers import flags, losses
 from zoo.cli import REPO_ROOT
 from zoo.launch import free_port
+
+pytestmark = pytest.mark.slow  # every test spawns `zoo train` processes
 
 STEPS = 6
 

@@ -4,74 +4,16 @@ checkpoints, a new mesh on resume, NaN stops, and one-line errors for bad input.
 import glob
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 
+from tests.helpers import flags, losses, wait_for_step, zoo_train
 from zoo.cli import REPO_ROOT, main
 from zoo.convert.checkpoint import Checkpoint
 
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO_ROOT, "configs", "*.py")))
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-  """A small corpus (zoo's own source) and a shared data dir, so datasets build once."""
-  root = tmp_path_factory.mktemp("corpus")
-  for path in glob.glob(os.path.join(REPO_ROOT, "zoo", "**", "*.py"), recursive=True):
-    shutil.copy(path, root / (os.path.relpath(path, REPO_ROOT).replace(os.sep, "_")))
-  return {"files": str(root / "*.py"), "data_dir": str(tmp_path_factory.mktemp("data"))}
-
-
-def flags(corpus, **overrides) -> list[str]:
-  """Small, fast settings for the default config, plus any overrides."""
-  values = {"data.source": "files", "data.files": corpus["files"],
-            "data.data_dir": corpus["data_dir"], "data.vocab_size": 512, "data.seq_len": 32,
-            "data.batch_size": 8, "model.hidden_size": 32, "model.intermediate_size": 64,
-            "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2,
-            "model.head_dim": 8, "train.steps": 12, "train.log_every": 1,
-            "train.eval_every": 0, "train.checkpoint_every": 2, "train.keep_checkpoints": 10,
-            "train.sample_tokens": 0, "train.peak_flops": 1e12, "optimizer.warmup_steps": 2}
-  values.update(overrides)
-  return [f"--config.{k}={v}" for k, v in values.items()]
-
-
-def zoo_train(workdir, *args, wait=True, config="configs/default.py"):
-  cmd = [sys.executable, "-m", "zoo.cli", "train", "--config", config,
-         "--workdir", str(workdir), *args]
-  proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-  if wait:
-    out, err = proc.communicate(timeout=600)
-    return proc.returncode, out, err
-  return proc
-
-
-def losses(workdir) -> dict[int, float]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
-  steps = [r["step"] for r in rows if "loss" in r]
-  assert len(steps) == len(set(steps)), "a resumed run must not log a step twice"
-  return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def wait_for_step(proc, workdir, step, timeout=300):
-  path = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      raise AssertionError(f"run ended early: {proc.stderr.read()}")
-    if os.path.exists(path):
-      with open(path) as f:
-        if any(json.loads(line).get("step", 0) >= step for line in f if line.strip()):
-          return
-    time.sleep(0.05)
-  raise AssertionError(f"step {step} not reached")
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +25,7 @@ def reference(corpus, tmp_path_factory):
   return workdir, losses(workdir)
 
 
+@pytest.mark.slow
 def test_uninterrupted_run_trains_and_writes_its_outputs(reference):
   workdir, ref = reference
   assert sorted(ref) == list(range(1, 13))
@@ -98,6 +41,7 @@ def test_uninterrupted_run_trains_and_writes_its_outputs(reference):
   assert any(n.endswith(".model") for n in os.listdir(os.path.join(workdir, "model")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_at", [3, 6, 9])
 def test_sigkill_then_resume_is_bit_exact(kill_at, corpus, reference, tmp_path):
   _, ref = reference
@@ -111,6 +55,7 @@ def test_sigkill_then_resume_is_bit_exact(kill_at, corpus, reference, tmp_path):
   assert losses(tmp_path) == ref  # every step's loss, bit for bit
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_current_step(corpus, tmp_path):
   proc = zoo_train(tmp_path, *flags(corpus, **{"train.steps": 400,
                                                "train.checkpoint_every": 1000}), wait=False)
@@ -124,6 +69,7 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step(corpus, tmp_path):
   assert max(losses(tmp_path)) == saved
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(corpus, reference, tmp_path):
   _, ref = reference
   code, _, err = zoo_train(tmp_path, *flags(corpus, **{"train.steps": 6,
@@ -144,6 +90,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(corpus, reference,
   assert losses(tmp_path) == ref
 
 
+@pytest.mark.slow
 def test_resume_on_a_different_mesh(corpus, reference, tmp_path):
   _, ref = reference
   code, _, err = zoo_train(tmp_path, *flags(corpus, **{"train.steps": 6,
@@ -158,6 +105,7 @@ def test_resume_on_a_different_mesh(corpus, reference, tmp_path):
                              atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_last_good_checkpoint_intact(corpus, tmp_path):
   code, out, err = zoo_train(tmp_path, *flags(corpus, **{"optimizer.lr": 1e30,
                                                          "optimizer.grad_clip": 0.0,
@@ -180,6 +128,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(corpus, tmp_path):
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_runs_a_step_shrunk(config, corpus, tmp_path):
   args = "shrink"
