@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import argparse
 import glob
-import gzip
 import json
-import lzma
-import math
 import os
 import sys
 
@@ -30,7 +27,7 @@ import zoo
 from zoo.data.sources import text_source
 from zoo.data.tokenizers import load_tokenizer
 from zoo.errors import ZooError
-from zoo.infer.evaluate import perplexity
+from zoo.infer.evaluate import compressed_bits_per_byte, perplexity
 
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -54,16 +51,6 @@ def held_out_texts(config: ml_collections.ConfigDict, workdir: str) -> list[str]
   return texts
 
 
-def compressed_bits(texts: list[str]) -> dict:
-  # Each document on its own, as `gzip -9 FILE` and `xz -9e FILE` would compress the files.
-  gz = xz = 0
-  for text in texts:
-    data = text.encode("utf-8")
-    gz += len(gzip.compress(data, compresslevel=9, mtime=0))
-    xz += len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
-  return {"gzip9": 8 * gz, "xz9e": 8 * xz}
-
-
 def last_eval_loss(workdir: str):
   loss = None
   path = os.path.join(workdir, "metrics.jsonl")
@@ -84,17 +71,16 @@ def measure(workdir: str, batch_size: int) -> dict:
   # Bits per byte only measures compression if the tokenizer loses nothing.
   lossy = sum(tokenizer.decode(tokenizer.encode(t)) != t for t in texts)
   model = zoo.load(model_dir)
-  scored = perplexity(model, tokenizer, [{"text": t} for t in texts],
-                      seq_len=config.data.seq_len, batch_size=batch_size)
-  total_bytes = sum(len(t.encode("utf-8")) for t in texts)
-  model_bits = scored["nll"] * scored["tokens"] / math.log(2)
-  out = {"workdir": workdir, "documents": len(texts), "bytes": total_bytes,
-         "tokens": scored["tokens"], "bytes_per_token": total_bytes / scored["tokens"],
-         "nll": scored["nll"], "eval_loss": last_eval_loss(workdir),
-         "bpb": model_bits / total_bytes, "lossy_documents": lossy}
-  out.update({f"{name}_bpb": bits / total_bytes
-              for name, bits in compressed_bits(texts).items()})
-  return out
+  documents = [{"text": t} for t in texts]
+  scored = perplexity(model, tokenizer, documents, seq_len=config.data.seq_len,
+                      batch_size=batch_size)
+  # Each document compressed on its own, as `gzip -9 FILE` and `xz -9e FILE` would.
+  baseline = compressed_bits_per_byte(documents)
+  return {"workdir": workdir, "documents": len(texts), "bytes": scored["bytes"],
+          "tokens": scored["tokens"], "bytes_per_token": scored["bytes"] / scored["tokens"],
+          "nll": scored["nll"], "eval_loss": last_eval_loss(workdir),
+          "bpb": scored["bits_per_byte"], "lossy_documents": lossy,
+          "gzip9_bpb": baseline["gzip"], "xz9e_bpb": baseline["xz"]}
 
 
 def main(argv=None) -> int:
