@@ -6,6 +6,10 @@
 
 The model's config and tokenizer come from the checkpoint. `shrink` keeps the checkpoint but
 trains two short steps.
+
+Slice: v5p-8. For a 7B-8B checkpoint. Check that it fits before renting one:
+
+    zoo plan --config configs/finetune.py:init_from=CKPT --topology v5p-8
 """
 
 from zoo.train.config import base_config, check_args, parse_arg, shrink

@@ -6,6 +6,10 @@
 
 A real run points data at a corpus (files or a prepared TFDS dataset) and the tokenizer of the
 model family.
+
+Slice: v5p-256. Check that it fits before renting one:
+
+    zoo plan --config configs/llama2_7b.py --topology v5p-256
 """
 
 from zoo.train.config import pretraining_config

@@ -13,6 +13,10 @@ each layer's activations are recomputed in the backward pass, as peft's QLoRA re
 gradient checkpointing; none keeps them, faster and larger), shrink. The run
 ends with the adapter in WORKDIR/adapter (zoo's) and WORKDIR/adapter_peft (HF peft's), for
 `zoo.load(base, adapter=DIR)`, `zoo generate --adapter DIR` and `peft.PeftModel`.
+
+Slice: v5e-8. For a 7B-8B checkpoint. Check that it fits before renting one:
+
+    zoo plan --config configs/lora.py:init_from=CKPT --topology v5e-8
 """
 
 from zoo.train.config import base_config, check_args, parse_arg, shrink

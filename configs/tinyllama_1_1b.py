@@ -6,6 +6,10 @@
 
 A real run points data at a corpus (files or a prepared TFDS dataset) and the tokenizer of the
 model family.
+
+Slice: v5litepod-256. Check that it fits before renting one:
+
+    zoo plan --config configs/tinyllama_1_1b.py --topology v5litepod-256
 """
 
 from zoo.train.config import pretraining_config

@@ -115,6 +115,9 @@ def test_median():
   (["lora", "--steps", "1", "--rank", "4", "--batch", "1", "--seq-len", "16", "--model",
     "small", "--remat", "none"],
    dict(steps=1, rank=4, batch=1, seq_len=16, model="small", remat="none")),
+  (["plan"], dict(configs="", no_peer=False, timeout=1800)),
+  (["plan", "--configs", "default,lora", "--no-peer", "--timeout", "60"],
+   dict(configs="default,lora", no_peer=True, timeout=60)),
 ])
 def test_parser_accepts_the_documented_flags(argv, expected):
   args = cli.build_parser().parse_args(argv)
@@ -131,5 +134,5 @@ def test_entry_script_imports_the_package():
   """tools/bench.py next to tools/bench/: `import bench` in the script finds the package."""
   out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "--help"],
                        capture_output=True, text=True, check=True).stdout
-  for mode in ("convert", "train", "decode", "lora"):
+  for mode in ("convert", "train", "decode", "lora", "plan"):
     assert mode in out

@@ -34,7 +34,8 @@ LAYERS = [
   # Evaluation and training share the loss of zoo.models.loss; the train loop samples its
   # model's text with zoo.infer's Generator, and inference imports nothing of zoo.train.
   ["zoo.infer", "zoo.train"],
-  ["zoo.distributed", "zoo.launch", "zoo", "zoo.cli"],
+  # zoo.plan compiles what zoo.train.setup builds, for TPU slices.
+  ["zoo.distributed", "zoo.launch", "zoo.plan", "zoo", "zoo.cli"],
 ]
 RANK = {node: i for i, node in enumerate(n for level in LAYERS for n in level)}
 

@@ -7,12 +7,34 @@
 
 from __future__ import annotations
 
-import numpy as np
+import glob
+import importlib.util
+import os
 
-from zoo.convert.checkpoint import load_model, save_params
-from zoo.errors import ZooError
-from zoo.lora import adapted_paths, load_adapter
-from zoo.models.llama import params_of
+
+def _quiet_tpu_runtime():
+  """libtpu (in zoo[tpu] and zoo[test], for `zoo plan`) makes JAX start the TPU runtime even on
+  a host without a TPU, and the runtime, failing to learn the host's TPU from the cloud's
+  metadata server, prints screens of warnings. Tell it instead (a host without a TPU); the
+  runtime then finds no chip quietly and JAX goes on as before. A TPU host is left alone."""
+  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    return
+  if importlib.util.find_spec("libtpu") is None:
+    return
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # The runtime's lock on the (absent) chips would stop a second `zoo plan` running at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+_quiet_tpu_runtime()  # before anything starts JAX's backends
+
+import numpy as np  # noqa: E402
+
+from zoo.convert.checkpoint import load_model, save_params  # noqa: E402
+from zoo.errors import ZooError  # noqa: E402
+from zoo.lora import adapted_paths, load_adapter  # noqa: E402
+from zoo.models.llama import params_of  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,8 @@
 """The `zoo` command line.
 
     zoo train [--config configs/NAME.py[:ARGS]] [--workdir DIR] [--config.FIELD=VALUE ...]
+    zoo plan [--config configs/NAME.py[:ARGS]] [--config.FIELD=VALUE ...] [--topology v5p-128]
+             [--slices N] [--json]
     zoo convert SRC DST --to {zoo,hf,meta,gguf,peft} [--shards N] [--dtype bfloat16] [--verify]
     zoo init PRESET DST [--to zoo|hf|meta] [--seed 0]
     zoo generate --checkpoint DIR (--prompt TEXT | --prompt-ids 1,2,3) [--chat] [--json] ...
@@ -36,6 +38,7 @@ from zoo.infer.evaluate import compressed_bits_per_byte, documents, perplexity
 from zoo.infer.generate import Generator, Sampling
 from zoo.lora import adapter_to_peft
 from zoo.models.presets import PRESETS
+from zoo.plan import format_plan, plan
 from zoo.train.config import REPO_ROOT, config_path
 from zoo.train.loop import train
 
@@ -259,8 +262,9 @@ def cmd_eval(args) -> int:
 
 
 
-def train_main(argv: list[str]) -> int:
-  """`zoo train`: ml_collections config files with --config.FIELD=VALUE overrides (locked)."""
+def _config_flags(command: str, argv: list[str], define_more) -> flags.FlagValues:
+  """Parses `zoo COMMAND`'s --config FILE[:ARGS] (default configs/default.py) with locked
+  --config.FIELD=VALUE overrides, and the flags `define_more(flag_values)` adds."""
   argv = list(argv)
   for i, arg in enumerate(argv):
     if arg.startswith("--config="):
@@ -272,26 +276,45 @@ def train_main(argv: list[str]) -> int:
   fv = flags.FlagValues()
   # sys_argv: the override flags are discovered from this list, not from the process's argv.
   config_flags.DEFINE_config_file("config", None, "training config file", flag_values=fv,
-                                  lock_config=True, sys_argv=["zoo train", *argv])
-  flags.DEFINE_string("workdir", None, "run directory (default runs/CONFIG_NAME)",
-                      flag_values=fv)
-  flags.DEFINE_string("coordinator", None, "multi-process: process 0's HOST:PORT",
-                      flag_values=fv)
-  flags.DEFINE_integer("num_processes", None, "multi-process: how many processes",
-                       flag_values=fv)
-  flags.DEFINE_integer("process_id", None, "multi-process: this process's index",
-                       flag_values=fv)
-  flags.DEFINE_integer("cpu_devices", None, "JAX devices on a CPU host (default 1)",
-                       flag_values=fv)
+                                  lock_config=True, sys_argv=[f"zoo {command}", *argv])
+  define_more(fv)
   try:
-    fv(["zoo train", *argv])
+    fv([f"zoo {command}", *argv])
   except (flags.Error, ZooError) as e:
-    raise ZooError(f"train: {str(e).splitlines()[0]}") from None
+    raise ZooError(f"{command}: {str(e).splitlines()[0]}") from None
+  except AttributeError as e:  # an override of a field the config does not have
+    if not (e.args and isinstance(e.args[0], KeyError)):
+      raise ZooError(f"{command}: cannot load the config: {str(e).splitlines()[0]}") from None
+    field = str(e.args[0].args[0]).strip("'")
+    raise ZooError(f"{command}: the config has no field {field!r} to override (a model field "
+                   "that the config leaves to its preset is overridden in a config file)"
+                   ) from None
   except Exception as e:  # errors raised inside a config file's get_config
-    raise ZooError(f"train: cannot load the config: {str(e).splitlines()[0]}") from None
+    raise ZooError(f"{command}: cannot load the config: {str(e).splitlines()[0]}") from None
+  return fv
+
+
+def _config_name(fv: flags.FlagValues) -> str:
+  return os.path.splitext(os.path.basename(fv["config"].config_filename.split(":")[0]))[0]
+
+
+def train_main(argv: list[str]) -> int:
+  """`zoo train`: ml_collections config files with --config.FIELD=VALUE overrides (locked)."""
+  def define(fv):
+    flags.DEFINE_string("workdir", None, "run directory (default runs/CONFIG_NAME)",
+                        flag_values=fv)
+    flags.DEFINE_string("coordinator", None, "multi-process: process 0's HOST:PORT",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "multi-process: how many processes",
+                         flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "multi-process: this process's index",
+                         flag_values=fv)
+    flags.DEFINE_integer("cpu_devices", None, "JAX devices on a CPU host (default 1)",
+                         flag_values=fv)
+
+  fv = _config_flags("train", argv, define)
   config = fv.config
-  name = os.path.splitext(os.path.basename(fv["config"].config_filename))[0]
-  workdir = fv.workdir or os.path.join("runs", name)
+  workdir = fv.workdir or os.path.join("runs", _config_name(fv))
   distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id, fv.cpu_devices)
   summary = train(config, workdir)
   if "stopped_by" in summary:
@@ -310,11 +333,30 @@ def train_main(argv: list[str]) -> int:
   return 0
 
 
+def plan_main(argv: list[str]) -> int:
+  """`zoo plan`: compile the train step for a TPU slice (or this host) and say if it fits."""
+  def define(fv):
+    flags.DEFINE_string("topology", None, "Cloud TPU slice (v5p-128, v5e-16, v6e-256, v4-32) "
+                        "or the compiler's form (v5p:4x4x4); default: this host's devices",
+                        flag_values=fv)
+    flags.DEFINE_integer("slices", 1, "TPU slices joined over DCN (the data axis spans them)",
+                         flag_values=fv)
+    flags.DEFINE_bool("json", False, "print one JSON object", flag_values=fv)
+
+  fv = _config_flags("plan", argv, define)
+  result = plan(fv.config, topology=fv.topology, slices=fv.slices,
+                config_name=_config_name(fv))
+  print(json.dumps(result.to_json()) if fv.json else format_plan(result))
+  return 1 if result.fits is False else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = _Parser(prog="zoo", description="LLaMA-family models in JAX/Flax.")
   p.add_argument("--version", action="version", version=f"zoo {zoo.__version__}")
   sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
   sub.add_parser("train", help="train or fine-tune (zoo train --help for its flags)")
+  sub.add_parser("plan", help="compile the train step for a TPU slice and say whether it fits "
+                              "(zoo plan --help for its flags)")
 
   c = sub.add_parser("convert", help="convert a checkpoint between formats")
   c.add_argument("src", help="source checkpoint directory (format detected)")
@@ -400,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if argv[:1] == ["train"]:
       return train_main(argv[1:])
+    if argv[:1] == ["plan"]:
+      return plan_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
   except ZooError as e:

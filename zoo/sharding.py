@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from zoo.errors import ZooError
@@ -58,8 +59,18 @@ def make_mesh(shape: dict | Sequence[int], devices=None) -> Mesh:
   if math.prod(sizes) != n:
     raise ZooError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                    f"but there are {n}")
-  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                       devices=devices)
+  slices = len({getattr(d, "slice_index", 0) for d in devices})
+  if slices == 1:
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                         devices=devices)
+  # Several TPU slices joined over the data-center network (DCN): only the data axis crosses
+  # it (one gradient all-reduce per step); fsdp and tensor stay on each slice's fast links.
+  if sizes[0] % slices:
+    raise ZooError(f"mesh.data is {sizes[0]}, but the data axis spans the {slices} slices: "
+                   f"set it to a multiple of {slices}")
+  grid = mesh_utils.create_hybrid_device_mesh((sizes[0] // slices, *sizes[1:]),
+                                              (slices, 1, 1), devices)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def _rules_dict(rules: Rules) -> dict:

@@ -13,6 +13,7 @@ import pytest
 from zoo.data import pipeline
 from zoo.data.pipeline import data_pipeline, make_batches, tokenizer_for
 from zoo.errors import ZooError
+from zoo.models.loss import BATCH_DTYPES
 
 SEQ, BATCH = 16, 4
 KEYS = ("tokens", "targets", "positions", "segment_ids", "weights")
@@ -54,8 +55,9 @@ def reference_pieces(docs, seq_len=SEQ, bos=True, eos=True):
 def batch_pieces(batch):
   """The pieces in a batch, checking the per-piece invariants on the way."""
   pieces = []
+  # The shapes and dtypes `zoo plan` compiles the train step for (zoo.models.loss.BATCH_DTYPES).
   assert {k: (v.shape, v.dtype.name) for k, v in batch.items()} == {
-    k: ((BATCH, SEQ), "float32" if k == "weights" else "int32") for k in KEYS}
+    k: ((BATCH, SEQ), np.dtype(dtype).name) for k, dtype in BATCH_DTYPES.items()}
   for r in range(BATCH):
     seg = batch["segment_ids"][r]
     ids = [s for s in seg if s]

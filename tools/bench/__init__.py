@@ -4,6 +4,7 @@
     python tools/bench.py train [--steps 5] [--rounds 7] [--vocab 2000,32000] [--devices 1]
     python tools/bench.py decode [--batches 1,8] [--new-tokens 64] [--rounds 5]
     python tools/bench.py lora [--steps 3] [--rank 16] [--model small|medium]
+    python tools/bench.py plan [--configs llama3_8b,lora] [--no-peer]
 
 `train` times zoo's jitted train step (AdamW, float32) on a tiny LLaMA against transformers'
 LlamaForCausalLM in torch eager with torch.optim.AdamW, each in its own process, alternating,
@@ -20,11 +21,16 @@ full fine-tuning step (AdamW on every weight) of the same 91M-parameter float32 
 its own process, and reports each one's peak RSS and tokens/s, and the NF4 base's bytes against
 bf16.
 
+`plan` runs `zoo plan --json` (the TPU compiler, libtpu) on every shipped config for the
+Cloud TPU slice its docstring names, the fine-tuning configs with Llama 3 8B's config.json, and
+on MaxText's Llama 3.1 8B v6e recipe shape as the peer: per-chip memory against HBM, whether it
+fits, compile time and the roofline MFU bound.
+
 Human-readable lines first; the last line of a successful run is one JSON object with the
 results, so that scripts can read it with `tail -n 1`. MB means MiB (2**20 bytes) throughout.
 
 Layout: `harness` runs workers in child processes and measures them; `convert`, `train`,
-`decode` and `lora` are the modes, each with its targets in a table at the top, the function
+`decode`, `lora` and `plan` are the modes, each with its targets in a table at the top, the function
 that runs it in the parent (`run`) and the worker functions it starts; `cli` parses the command
 line. A new mode is a module with `HELP`, `add_args(parser)` and `run(args, workdir) -> dict`,
 listed in `cli.MODES`.

@@ -10,9 +10,9 @@ import shutil
 import tempfile
 
 import bench
-from bench import convert, decode, lora, train
+from bench import convert, decode, lora, plan, train
 
-MODES = {"convert": convert, "train": train, "decode": decode, "lora": lora}
+MODES = {"convert": convert, "train": train, "decode": decode, "lora": lora, "plan": plan}
 
 
 def build_parser() -> argparse.ArgumentParser:

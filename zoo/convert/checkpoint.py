@@ -65,6 +65,21 @@ def _side_files(directory: str, skip: set[str]) -> list[str]:
   return out
 
 
+def checkpoint_config(path: str) -> LlamaConfig:
+  """The model config of the checkpoint at `path`, read from its description alone (HF's
+  config.json, zoo's description or Meta's params.json): its tensors need not be there, so a
+  run can be planned from an HF config.json before the weights are downloaded."""
+  fmt = detect_format(path)
+  if fmt == "hf":
+    return hf.config_from_hf(read_json(os.path.join(path, "config.json")))
+  if fmt == "meta":
+    return meta.MetaSource(path).config
+  described = read_json(os.path.join(path, ZOO_META))
+  if described.get("format") != "zoo" or "config" not in described:
+    raise ZooError(f"{os.path.join(path, ZOO_META)} is not a zoo checkpoint description")
+  return LlamaConfig.from_dict(described["config"])
+
+
 class Checkpoint:
   """An opened, validated checkpoint: its config and its tensors, read on demand."""
 

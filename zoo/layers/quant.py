@@ -126,13 +126,18 @@ def quantize(w, kind: str, block_size: int = 64) -> QTensor:
   """Quantize a float array (numpy or JAX, any rank) to `kind` ("int8" or "nf4").
 
   The element count must be a multiple of `block_size` (blocking: see the module docstring).
+  A `jax.ShapeDtypeStruct` gives the QTensor's shapes only (for compiling ahead of the data).
   """
   _check(w, kind, block_size)
   block_size = int(block_size)
-  w = jnp.asarray(w)
-  if not bool(jnp.all(jnp.isfinite(w))):
-    raise ZooError(f"cannot quantize an array of shape {tuple(w.shape)} with inf or nan values")
-  codes, scales = _encode(w, kind=kind, block_size=block_size)
+  if isinstance(w, jax.ShapeDtypeStruct):
+    codes, scales = jax.eval_shape(lambda x: _encode(x, kind=kind, block_size=block_size), w)
+  else:
+    w = jnp.asarray(w)
+    if not bool(jnp.all(jnp.isfinite(w))):
+      raise ZooError(f"cannot quantize an array of shape {tuple(w.shape)} with inf or nan "
+                     "values")
+    codes, scales = _encode(w, kind=kind, block_size=block_size)
   return QTensor(codes=codes, scales=scales, kind=kind, shape=tuple(int(d) for d in w.shape),
                  block_size=block_size, dtype=jnp.dtype(w.dtype).name)
 
@@ -186,7 +191,7 @@ def default_predicate(path: str, array) -> bool:
 
 
 def _is_array(x) -> bool:
-  return isinstance(x, (np.ndarray, jax.Array))
+  return isinstance(x, (np.ndarray, jax.Array, jax.ShapeDtypeStruct))
 
 
 def quantize_leaf(name: str, leaf, kind: str, block_size: int = 64,

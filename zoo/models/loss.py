@@ -10,6 +10,9 @@ import jax
 import jax.numpy as jnp
 
 Batch = dict[str, jax.Array]
+# The dtype of each batch array, as zoo.data.pipeline yields them.
+BATCH_DTYPES = {"tokens": jnp.int32, "targets": jnp.int32, "positions": jnp.int32,
+                "segment_ids": jnp.int32, "weights": jnp.float32}
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:

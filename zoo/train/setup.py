@@ -23,16 +23,17 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from zoo import sharding
-from zoo.convert.checkpoint import Checkpoint
+from zoo.convert.checkpoint import Checkpoint, checkpoint_config
 from zoo.data.instruct import template_dir_for
 from zoo.data.pipeline import data_pipeline, tokenizer_for
 from zoo.data.tokenizers import Tokenizer, load_tokenizer, token_bytes
 from zoo.errors import ZooError
 from zoo.layers.quant import KINDS as QUANT_KINDS
-from zoo.layers.quant import quantize_leaf
+from zoo.layers.quant import is_quantized, quantize_leaf
 from zoo.lora import LoraSpec, LoraTrees, split_for_training
 from zoo.models.config import LlamaConfig
 from zoo.models.llama import Llama, abstract_model
+from zoo.models.loss import BATCH_DTYPES
 from zoo.models.presets import get_preset
 from zoo.train.checkpoint import load_tree
 from zoo.train.config import check_config
@@ -112,8 +113,8 @@ def _check_train_fields(config):
   lora_spec(config)  # checks the LoRA fields
 
 
-def _mesh_and_rules(config) -> tuple[jax.sharding.Mesh, tuple]:
-  mesh = sharding.make_mesh(config.mesh)
+def _mesh_and_rules(config, devices=None) -> tuple[jax.sharding.Mesh, tuple]:
+  mesh = sharding.make_mesh(config.mesh, devices)
   rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                 for name, axes in config.sharding_rules)
   sharding.logical_to_spec(sharding.LOGICAL_AXES, rules)  # checks the table
@@ -128,28 +129,40 @@ def _mesh_and_rules(config) -> tuple[jax.sharding.Mesh, tuple]:
   return mesh, rules
 
 
-def _model_config(config, tokenizer: Tokenizer | None) -> LlamaConfig:
-  if config.init_from:
-    return Checkpoint(config.init_from).config
+def _tokenizer_size(config, tokenizer: Tokenizer | None) -> int:
+  """The vocabulary a run's tokenizer has: a run without data reads a given tokenizer file,
+  or takes the size a trained one would have (data.vocab_size), training none."""
+  if tokenizer is not None:
+    return tokenizer.vocab_size
+  if config.data.tokenizer:
+    return load_tokenizer(config.data.tokenizer).vocab_size
+  return config.data.vocab_size
+
+
+def _model_config(config, tokenizer: Tokenizer | None, with_data: bool) -> LlamaConfig:
+  if config.init_from:  # a run without data reads no weights: the config file is enough
+    if with_data:
+      return Checkpoint(config.init_from).config  # checks its tensors too
+    return checkpoint_config(config.init_from)
   overrides = {k: tuple(v) if isinstance(v, list) else v
                for k, v in config.model.items() if k != "preset"}
-  if overrides.get("vocab_size") == 0:
-    if tokenizer is None:
-      raise ZooError("model.vocab_size 0 takes the tokenizer's size: set it for a run "
-                     "without data")
-    overrides["vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
+  if overrides.get("vocab_size") == 0:  # the tokenizer's size, padded to a multiple of 64
+    overrides["vocab_size"] = -(-_tokenizer_size(config, tokenizer) // 64) * 64
   try:
     return get_preset(config.model.preset, **overrides)
   except TypeError as e:
     raise ZooError(f"bad model override: {e}") from None
 
 
-def prepare(config, workdir: str, *, with_data: bool = True) -> Run:
+def prepare(config, workdir: str, *, with_data: bool = True, devices=None) -> Run:
   """Checks the config, mesh, tokenizer and data; raises ZooError naming the first problem.
-  with_data=False skips the tokenizer and datasets (the model's vocab_size must then be set)."""
+
+  with_data=False builds no dataset and trains no tokenizer (a model vocabulary of 0 then
+  takes the size the tokenizer would have). `devices` (default: all of JAX's) are those the
+  mesh is laid over; `zoo plan` passes a TPU topology's compile-only devices."""
   check_config(config)
   _check_train_fields(config)
-  mesh, rules = _mesh_and_rules(config)
+  mesh, rules = _mesh_and_rules(config, devices)
   data_dir = config.data.data_dir or os.path.join(workdir, "data")
   tokenizer = None
   if with_data:
@@ -167,7 +180,7 @@ def prepare(config, workdir: str, *, with_data: bool = True) -> Run:
       return tokenizer
 
     tokenizer = process_zero_first(build_data)
-  model_config = _model_config(config, tokenizer)
+  model_config = _model_config(config, tokenizer, with_data)
   if tokenizer is not None and tokenizer.vocab_size > model_config.vocab_size:
     raise ZooError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the "
                    f"model's embeddings ({model_config.vocab_size})")
@@ -224,6 +237,12 @@ class Trainer:
                        self.shardings["params"])
     return place(lambda p: init_state(p, self.tx, seed))(params)
 
+  def abstract_batch(self) -> dict:
+    """The global batch as ShapeDtypeStructs laid out by the rules (for compiling ahead)."""
+    shape = (self.run.config.data.batch_size, self.run.config.data.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
+            for k, dtype in BATCH_DTYPES.items()}
+
   def global_batch(self, batch: dict) -> dict:
     """This process's rows of a batch (numpy) as global arrays laid out by the rules."""
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
@@ -238,8 +257,24 @@ class Trainer:
     return jax.device_put(table, sharding.replicated(self.run.mesh))
 
 
-def _lora_trees(run: Run) -> LoraTrees:
-  """The LoRA split with its base read from init_from, quantized as it arrives for QLoRA."""
+def _placed_shapes(abstract: dict, shardings: dict, convert=None) -> dict:
+  """What `load_tree(path, abstract, shardings, convert)` would return, as ShapeDtypeStructs
+  carrying their shardings, with nothing read."""
+  def one(key_path, leaf, leaf_sharding):
+    name = ".".join(str(k.key) for k in key_path)
+    value = leaf if convert is None else convert(name, leaf)
+    if is_quantized(value):
+      parts = sharding.quantized_sharding(value, leaf_sharding)
+      return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          value, parts)
+    return jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=leaf_sharding)
+
+  return jax.tree_util.tree_map_with_path(one, abstract, shardings)
+
+
+def _lora_trees(run: Run, load_base: bool) -> LoraTrees:
+  """The LoRA split with its base read from init_from, quantized as it arrives for QLoRA
+  (load_base=False: the base's shapes and shardings only)."""
   config = run.config
   trees = split_for_training(run.model_config, lora_spec(config), run.mesh, run.rules,
                              seed=config.train.seed, **model_kwargs(config))
@@ -247,13 +282,17 @@ def _lora_trees(run: Run) -> LoraTrees:
   if config.lora.quantize != "none":
     def quantize(name, array):
       return quantize_leaf(name, array, config.lora.quantize, config.lora.block_size)
-  base = load_tree(config.init_from, trees.base, trees.base_shardings, quantize)
+  if load_base:
+    base = load_tree(config.init_from, trees.base, trees.base_shardings, quantize)
+  else:
+    base = _placed_shapes(trees.base, trees.base_shardings, quantize)
   return dataclasses.replace(trees, base=base,
                              base_shardings=jax.tree.map(lambda x: x.sharding, base))
 
 
-def build(run: Run) -> Trainer:
-  """The Trainer of a prepared run (reads the LoRA base from init_from; compiles lazily)."""
+def build(run: Run, *, load_base: bool = True) -> Trainer:
+  """The Trainer of a prepared run (compiles lazily). A LoRA run's base is read from
+  init_from; with load_base=False it stays abstract (ShapeDtypeStructs), for compiling only."""
   config = run.config
   tx, schedule = make_optimizer(config.optimizer, schedule_steps(config))
   rep = sharding.replicated(run.mesh)
@@ -266,7 +305,7 @@ def build(run: Run) -> Trainer:
     param_shardings = sharding.param_shardings(model, run.mesh, run.rules)
     base_shardings = ()
   else:
-    lora = _lora_trees(run)
+    lora = _lora_trees(run, load_base)
     graphdef, abstract_params = lora.graphdef, lora.adapters
     param_shardings = lora.adapter_shardings
     base_shardings = (lora.base_shardings,)

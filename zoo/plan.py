@@ -1,0 +1,389 @@
+"""`zoo plan`: compile the train step `zoo train` would run, for any Cloud TPU slice, and say
+whether it fits before anyone rents one.
+
+The TPU compiler (the `libtpu` wheel) compiles ahead of time for a named topology with no TPU
+attached. `plan(config, topology)` resolves the config exactly as `zoo train` does
+(`zoo.train.setup.prepare` and `build`, with the topology's compile-only devices and nothing
+read: no data, no weights, no tokenizer training), lowers the jitted train step on the abstract
+state and batch, compiles it, and reads the compiler's memory and cost analyses. Memory comes
+from the compiler; the step time is a roofline bound (compute and HBM traffic), not a
+measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import re
+import time
+
+import jax
+
+from zoo import sharding
+from zoo.errors import ZooError
+from zoo.train.metrics import flops_per_token
+from zoo.train.setup import Trainer, build, prepare
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One accelerator chip's public figures (per chip; bf16 peak without sparsity)."""
+  name: str
+  device_kinds: tuple[str, ...]  # what jax's device_kind says
+  hbm_bytes: int
+  peak_flops: float  # bf16 FLOP/s
+  hbm_bandwidth: float  # bytes/s
+  source: str
+
+
+# Figures from each chip's Cloud TPU (or NVIDIA) system architecture page.
+CHIPS = {
+  "v4": Chip("v4", ("TPU v4",), 32 * GiB, 275e12, 1200e9,
+             "https://cloud.google.com/tpu/docs/v4"),
+  "v5e": Chip("v5e", ("TPU v5 lite", "TPU v5e"), 16 * GiB, 197e12, 819e9,
+              "https://cloud.google.com/tpu/docs/v5e"),
+  "v5p": Chip("v5p", ("TPU v5", "TPU v5p"), 95 * 10**9, 459e12, 2765e9,
+              "https://cloud.google.com/tpu/docs/v5p"),
+  "v6e": Chip("v6e", ("TPU v6 lite", "TPU v6e"), 32 * GiB, 918e12, 1638e9,
+              "https://cloud.google.com/tpu/docs/v6e"),
+  "h100": Chip("h100", ("NVIDIA H100 80GB HBM3",), 80 * 10**9, 989e12, 3.35e12,
+               "https://www.nvidia.com/en-us/data-center/h100/ (SXM)"),
+  "h200": Chip("h200", ("NVIDIA H200",), 141 * 10**9, 989e12, 4.8e12,
+               "https://www.nvidia.com/en-us/data-center/h200/ (SXM)"),
+}
+
+# Cloud TPU names count TensorCores for v4 and v5p (two per chip) and chips for v5e and v6e.
+_GENERATIONS = {"v4": ("v4", 2), "v5p": ("v5p", 2), "v5e": ("v5e", 1), "v5litepod": ("v5e", 1),
+                "v6e": ("v6e", 1)}
+_TWO_D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16),
+          256: (16, 16)}
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  name: str  # as the user wrote it
+  compiler_name: str  # the compiler's form, e.g. "v5p:4x4x4"
+  chip: Chip
+  chips: int  # per slice
+
+
+def parse_topology(name: str) -> Topology:
+  """'v5p-128', 'v5litepod-16', 'v5e-16', 'v6e-256', 'v4-32' or the compiler's 'v5p:4x4x4'."""
+  text = name.strip().lower()
+  m = re.fullmatch(r"(v4|v5p|v5e|v6e):(\d+(?:x\d+){1,2})", text)
+  if m:
+    gen, shape = m.group(1), tuple(int(s) for s in m.group(2).split("x"))
+    if len(shape) != (2 if gen in ("v5e", "v6e") else 3) or 0 in shape:
+      raise ZooError(f"topology {name!r}: {gen} takes a {'2' if gen in ('v5e', 'v6e') else '3'}"
+                     "-dimensional chip grid, e.g. "
+                     f"{'v5e:4x4' if gen in ('v5e', 'v6e') else 'v5p:4x4x4'}")
+    return Topology(name, text, CHIPS[gen], math.prod(shape))
+  m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", text)
+  if not m:
+    raise ZooError(f"unknown topology {name!r}: use a Cloud TPU name (v4-32, v5e-16, "
+                   "v5litepod-16, v5p-128, v6e-256) or the compiler's form (v5p:4x4x4)")
+  gen, per_chip = _GENERATIONS[m.group(1)]
+  count = int(m.group(2))
+  if count % per_chip:
+    raise ZooError(f"topology {name!r}: {m.group(1)} names count TensorCores, two per chip; "
+                   "use an even number")
+  chips = count // per_chip
+  if gen in ("v5e", "v6e"):
+    shape = _TWO_D.get(chips)
+  elif chips >= 4 and chips & (chips - 1) == 0:  # 2x2x1, then double the smallest side
+    shape = [2, 2, 1]
+    while math.prod(shape) < chips:
+      smallest = min(shape)
+      i = max(j for j in range(3) if shape[j] == smallest)
+      shape[i] *= 2
+  else:
+    shape = None
+  if shape is None:
+    raise ZooError(f"topology {name!r}: no standard {gen} slice has {chips} chips; give the "
+                   f"chip grid in the compiler's form ({gen}:AxB{'xC' if gen in ('v4', 'v5p') else ''})")
+  return Topology(name, f"{gen}:{'x'.join(map(str, shape))}", CHIPS[gen], chips)
+
+
+def _require_libtpu():
+  try:
+    importlib.import_module("libtpu")
+  except ImportError:
+    raise ZooError("zoo plan --topology needs the TPU compiler, which is not installed: "
+                   "pip install -e '.[tpu]' (or: pip install libtpu)") from None
+
+
+def topology_devices(topology: Topology, slices: int = 1) -> list:
+  """The compile-only devices of `slices` copies of the topology, checked against its chips."""
+  if slices < 1:
+    raise ZooError(f"--slices must be at least 1, got {slices}")
+  _require_libtpu()
+  from jax.experimental import topologies  # noqa: PLC0415 (loads the TPU plugin on demand)
+  gen = topology.compiler_name.split(":")[0]
+  options = {"chip_config_name": "megacore"} if gen == "v4" else {}  # one device per v4 chip
+  if slices > 1:
+    options["num_slices"] = slices
+  try:
+    devices = topologies.get_topology_desc(topology_name=topology.compiler_name,
+                                           platform="tpu", **options).devices
+  except Exception as e:  # noqa: BLE001 (the plugin's errors have no common type)
+    raise ZooError(f"the TPU compiler rejects topology {topology.compiler_name!r}: "
+                   f"{str(e).splitlines()[0]}") from None
+  if len(devices) != topology.chips * slices:
+    raise ZooError(f"topology {topology.name!r} means {topology.chips * slices} chips, but the "
+                   f"TPU compiler made {len(devices)} devices for {topology.compiler_name!r}")
+  return list(devices)
+
+
+def _usable_hbm(devices: list) -> int | None:
+  """HBM the compiler lets one program use per chip: it says so when a program does not fit,
+  so compile a trivial one that cannot fit and read the figure from its refusal."""
+  if devices[0].platform != "tpu":
+    stats = getattr(devices[0], "memory_stats", lambda: None)()
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+  mesh = jax.sharding.Mesh(devices[:1], ("x",))
+  huge = jax.ShapeDtypeStruct((2**38,), jax.numpy.float32, sharding=sharding.replicated(mesh))
+  try:
+    jax.jit(lambda x: x + 1).lower(huge).compile()
+  except Exception as e:  # noqa: BLE001
+    found = _oom_figures(str(e))
+    if found:
+      return found[1]
+  return None
+
+
+def _bytes(text: str) -> int:
+  unit = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[text[-1] if text[-1] in "KMGT"
+                                                                  else ""]
+  return int(float(text.rstrip("KMGT")) * unit)
+
+
+def _oom_figures(message: str) -> tuple[int, int] | None:
+  """(required, available) bytes per chip from the TPU compiler's out-of-memory error."""
+  m = re.search(r"required for HLO temporaries \(([\d.]+[KMGT]?)\) exceeds available HBM "
+                r"\(([\d.]+[KMGT]?)\)", message)
+  return (_bytes(m.group(1)), _bytes(m.group(2))) if m else None
+
+
+def _shard_bytes(tree) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs carrying NamedShardings (they split
+  every value evenly, so every device holds the same)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape)
+    total += math.prod(shape) * leaf.dtype.itemsize
+  return total
+
+
+_SHAPE = re.compile(r"\b(pred|s4|u4|s8|u8|s16|u16|s32|u32|s64|u64|f8e4m3fn|f8e5m2|bf16|f16|f32|"
+                    r"f64|c64|c128)\[([\d,]*)\]")
+_BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "s32": 32,
+         "u32": 32, "s64": 64, "u64": 64, "f8e4m3fn": 8, "f8e5m2": 8, "bf16": 16, "f16": 16,
+         "f32": 32, "f64": 64, "c64": 64, "c128": 128}
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """{kind: {"count", "bytes"}} of the collectives in a compiled (partitioned) HLO module:
+  each op once as it appears in the program (a loop body's once), bytes of its result per
+  chip (for an asynchronous op, of the value its done op yields)."""
+  out = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+  op = re.compile(r"=\s*(.*?)\s(" + "|".join(COLLECTIVES) + r")(-start)?\(")
+  for line in hlo_text.splitlines():
+    m = op.search(line)
+    if not m:
+      continue
+    shapes = _SHAPE.findall(m.group(1))
+    if m.group(3) and len(shapes) > 1:  # async start: (operands..., results...) -> results
+      shapes = shapes[len(shapes) // 2:]
+    size = sum(math.prod(int(d) for d in dims.split(",") if d) * _BITS[dtype] // 8
+               for dtype, dims in shapes)
+    out[m.group(2)]["count"] += 1
+    out[m.group(2)]["bytes"] += size
+  return out
+
+
+@dataclasses.dataclass
+class Plan:
+  config_name: str
+  topology: str  # the compiler's form, or "local"
+  chip: str
+  chips: int
+  slices: int
+  mesh: dict
+  fits: bool | None
+  hbm_bytes: int | None  # what the compiler lets a program use per chip
+  per_chip_bytes: dict
+  flops_per_chip: float | None
+  model_flops_per_chip: float
+  roofline_step_seconds: float | None
+  roofline_mfu: float | None
+  collectives: dict
+  compile_seconds: float
+  batch_per_chip: float
+  lora: bool
+  verdict: str
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _local_chip(devices) -> Chip | None:
+  kind = devices[0].device_kind
+  return next((c for c in CHIPS.values() if kind in c.device_kinds), None)
+
+
+def _abstract_args(trainer: Trainer) -> tuple:
+  base = () if trainer.lora is None else (trainer.lora.base,)
+  return (trainer.abstract_state, trainer.abstract_batch(), *base)
+
+
+def _sequences_per_chip(run) -> float:
+  """Sequences of the global batch on each chip: the batch over the mesh axes that split it."""
+  axes = sharding.logical_to_spec(("batch",), run.rules)[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return run.config.data.batch_size / math.prod(run.mesh.shape[a] for a in axes)
+
+
+def _compile(trainer: Trainer, args: tuple):
+  """(the compiled step, None), or (None, (required, available) bytes per chip) when the TPU
+  compiler refuses it for lack of memory; and the seconds it took."""
+  start = time.perf_counter()
+  with sharding.use(trainer.run.mesh, trainer.run.rules):
+    lowered = trainer.train_step.lower(*args)
+    try:
+      compiled, refused = lowered.compile(), None
+    except Exception as e:  # noqa: BLE001 (the compiler's errors have no narrower type)
+      refused = _oom_figures(str(e))
+      if refused is None:
+        raise
+      compiled = None
+  return compiled, refused, time.perf_counter() - start
+
+
+def plan(config, *, topology: str | None = None, slices: int = 1, config_name: str = "config"
+         ) -> Plan:
+  """Compiles `config`'s train step for `topology` (None: this host's devices) and reports."""
+  if topology is None:
+    if slices != 1:
+      raise ZooError("--slices needs --topology")
+    devices, topo_name = jax.devices(), "local"
+    chip = _local_chip(devices)
+  else:
+    topo = parse_topology(topology)
+    devices, topo_name, chip = topology_devices(topo, slices), topo.compiler_name, topo.chip
+  run = prepare(config, workdir="", with_data=False, devices=devices)
+  trainer = build(run, load_base=False)
+  state, batch, *base = args = _abstract_args(trainer)
+  parts = {"parameters": _shard_bytes(state["params"]) + _shard_bytes(base),
+           "optimizer": _shard_bytes({k: v for k, v in state.items() if k != "params"}),
+           "batch": _shard_bytes(batch)}
+  arguments = sum(parts.values())
+  hbm = _usable_hbm(devices)
+  model_flops = (flops_per_token(run.model_config, config.data.seq_len)
+                 * config.data.batch_size * config.data.seq_len / len(devices))
+  compiled, refused, seconds = _compile(trainer, args)
+  flops = step_time = roofline = None
+  found_collectives = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+  if compiled is None:
+    required, hbm = refused
+    parts["temporaries"] = max(required - arguments, 0)
+    parts["total"] = required
+  else:
+    memory = compiled.memory_analysis()
+    parts["temporaries"] = int(memory.temp_size_in_bytes)
+    parts["outputs"] = int(memory.output_size_in_bytes - memory.alias_size_in_bytes)
+    parts["code"] = int(memory.generated_code_size_in_bytes)
+    # TPU's peak is this sum; the CPU's leaves the temporaries out.
+    parts["total"] = max(int(memory.peak_memory_in_bytes),
+                         arguments + parts["temporaries"] + parts["outputs"])
+    parts["arguments_compiled"] = int(memory.argument_size_in_bytes)
+    cost = compiled.cost_analysis() or {}
+    # XLA counts a loop's body once: with gradient accumulation the microbatch loop runs
+    # grad_accum times (the optimizer update, counted with it, runs once: an overcount of it).
+    repeats = config.train.grad_accum
+    flops = cost.get("flops", 0.0) * repeats or None
+    if chip is not None and flops:
+      step_time = max(flops / chip.peak_flops,
+                      cost.get("bytes accessed", 0.0) * repeats / chip.hbm_bandwidth)
+      roofline = model_flops / (chip.peak_flops * step_time)
+    found_collectives = collectives(compiled.as_text())
+  fits = None if hbm is None else compiled is not None and parts["total"] <= hbm
+  result = Plan(config_name, topo_name, chip.name if chip else devices[0].device_kind,
+                len(devices), slices, dict(run.mesh.shape), fits, hbm, parts, flops,
+                model_flops, step_time, roofline, found_collectives, seconds,
+                _sequences_per_chip(run), trainer.lora is not None, "")
+  result.verdict = verdict(result, config)
+  return result
+
+
+def verdict(p: Plan, config) -> str:
+  """One line: whether it fits and, when it does not, what to change."""
+  parts = p.per_chip_bytes
+  if p.fits is None:
+    return (f"needs {_gib(parts['total']).strip()} per device; this backend does not say how "
+            "much memory it has")
+  if p.fits:
+    return (f"fits: {_gib(parts['total']).strip()} of {_gib(p.hbm_bytes).strip()} per chip "
+            f"({_gib(p.hbm_bytes - parts['total']).strip()} headroom)")
+  state = ("parameters", "optimizer")
+  if parts["parameters"] + parts["optimizer"] > p.hbm_bytes:  # the state alone is too big
+    largest = max(state, key=parts.get)
+  else:
+    largest = max((*state, "batch", "temporaries"), key=parts.get)
+  fixes = {
+    "temporaries": (f"fewer sequences per chip (data.batch_size: now {p.batch_per_chip:g} per "
+                    f"chip), gradient accumulation (train.grad_accum: now "
+                    f"{config.train.grad_accum}), a remat policy that keeps less (remat: now "
+                    f"{config.remat}), or more chips"),
+    "parameters": ("more chips on the fsdp axis (mesh.fsdp), tensor parallelism (mesh.tensor), "
+                   "or LoRA / QLoRA (lora.rank, lora.quantize)"),
+    "optimizer": ("more chips on the fsdp axis (mesh.fsdp), a smaller optimizer state "
+                  "(optimizer.name=adafactor), or LoRA (lora.rank)"),
+    "batch": "fewer sequences per chip (data.batch_size) or shorter ones (data.seq_len)",
+  }
+  return (f"does not fit: needs {_gib(parts['total']).strip()} per chip of "
+          f"{_gib(p.hbm_bytes).strip()}; the largest part is {largest} "
+          f"({_gib(parts[largest]).strip()}); to fit: {fixes[largest]}")
+
+
+def _gib(n) -> str:
+  if n is None:
+    return "-"
+  return f"{n / GiB:8.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:8.2f} MiB"
+
+
+def _flops(n) -> str:
+  if n is None:
+    return "-"
+  return f"{n / 1e12:.2f} TFLOP" if n >= 1e11 else f"{n / 1e9:.3g} GFLOP"
+
+
+def format_plan(p: Plan) -> str:
+  """The plan as a table for a terminal."""
+  lines = [f"plan for {p.config_name} on {p.topology} ({p.chips} {p.chip} chips"
+           f"{f', {p.slices} slices' if p.slices > 1 else ''}; mesh "
+           f"{' x '.join(f'{k} {v}' for k, v in p.mesh.items())}"
+           f"{'; LoRA' if p.lora else ''})",
+           f"  {p.batch_per_chip:g} sequences per chip"]
+  lines.append("memory per chip (the state and batch: their arrays' bytes by their shardings; "
+               "temporaries, total and HBM: from the compiler):")
+  for key in ("parameters", "optimizer", "batch", "temporaries", "outputs", "code", "total"):
+    if key in p.per_chip_bytes:
+      lines.append(f"  {key:12s}{_gib(p.per_chip_bytes[key])}")
+  lines.append(f"  {'HBM':12s}{_gib(p.hbm_bytes)}")
+  lines.append("compute per chip and step:")
+  lines.append(f"  compiled {_flops(p.flops_per_chip)}; model (as zoo's MFU counts) "
+               f"{_flops(p.model_flops_per_chip)}")
+  if p.roofline_step_seconds is not None:
+    lines.append(f"  roofline bound (peak compute and HBM bandwidth; not a measurement): step "
+                 f">= {p.roofline_step_seconds * 1e3:.3g} ms, MFU <= {p.roofline_mfu:.1%}")
+  lines.append("collectives in the compiled step (count, result bytes per chip):")
+  for kind, c in p.collectives.items():
+    if c["count"]:
+      lines.append(f"  {kind:19s}{c['count']:5d}  {_gib(c['bytes'])}")
+  lines.append(f"compiled in {p.compile_seconds:.1f} s")
+  lines.append(p.verdict)
+  return "\n".join(lines)
