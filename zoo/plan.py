@@ -13,9 +13,12 @@ measurement.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import importlib
 import math
+import os
 import re
+import tempfile
 import time
 
 import jax
@@ -248,19 +251,31 @@ def _sequences_per_chip(run) -> float:
 
 
 def _compile(trainer: Trainer, args: tuple):
-  """(the compiled step, None), or (None, (required, available) bytes per chip) when the TPU
-  compiler refuses it for lack of memory; and the seconds it took."""
+  """(the compiled step or None, the compiled program's HLO text, None or (required, available)
+  bytes per chip when the TPU compiler refuses the step for lack of memory, seconds taken).
+
+  The compiler writes the optimized program's text itself (jaxlib cannot always read back what
+  libtpu compiled, so `Compiled.as_text()` is no way to get it)."""
   start = time.perf_counter()
-  with sharding.use(trainer.run.mesh, trainer.run.rules):
+  with sharding.use(trainer.run.mesh, trainer.run.rules), \
+       tempfile.TemporaryDirectory(prefix="zoo-plan-") as dump:
     lowered = trainer.train_step.lower(*args)
+    options = {"xla_dump_to": dump, "xla_dump_hlo_as_text": True,
+               "xla_dump_hlo_module_re": "train_step", "xla_dump_hlo_pass_re": ""}
     try:
-      compiled, refused = lowered.compile(), None
+      compiled, refused = lowered.compile(compiler_options=options), None
     except Exception as e:  # noqa: BLE001 (the compiler's errors have no narrower type)
       refused = _oom_figures(str(e))
       if refused is None:
         raise
       compiled = None
-  return compiled, refused, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    texts = glob.glob(os.path.join(dump, "*train_step*.after_optimizations.txt"))
+    hlo = ""
+    if texts:
+      with open(texts[0], encoding="utf-8") as f:
+        hlo = f.read()
+  return compiled, hlo, refused, seconds
 
 
 def plan(config, *, topology: str | None = None, slices: int = 1, config_name: str = "config"
@@ -284,7 +299,7 @@ def plan(config, *, topology: str | None = None, slices: int = 1, config_name: s
   hbm = _usable_hbm(devices)
   model_flops = (flops_per_token(run.model_config, config.data.seq_len)
                  * config.data.batch_size * config.data.seq_len / len(devices))
-  compiled, refused, seconds = _compile(trainer, args)
+  compiled, hlo, refused, seconds = _compile(trainer, args)
   flops = step_time = roofline = None
   found_collectives = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
   if compiled is None:
@@ -306,10 +321,12 @@ def plan(config, *, topology: str | None = None, slices: int = 1, config_name: s
     repeats = config.train.grad_accum
     flops = cost.get("flops", 0.0) * repeats or None
     if chip is not None and flops:
-      step_time = max(flops / chip.peak_flops,
+      # The compiler does not count what a Pallas kernel (splash attention) computes: the
+      # step does at least the model's FLOPs.
+      step_time = max(max(flops, model_flops) / chip.peak_flops,
                       cost.get("bytes accessed", 0.0) * repeats / chip.hbm_bandwidth)
       roofline = model_flops / (chip.peak_flops * step_time)
-    found_collectives = collectives(compiled.as_text())
+    found_collectives = collectives(hlo)
   fits = None if hbm is None else compiled is not None and parts["total"] <= hbm
   result = Plan(config_name, topo_name, chip.name if chip else devices[0].device_kind,
                 len(devices), slices, dict(run.mesh.shape), fits, hbm, parts, flops,
@@ -375,12 +392,13 @@ def format_plan(p: Plan) -> str:
       lines.append(f"  {key:12s}{_gib(p.per_chip_bytes[key])}")
   lines.append(f"  {'HBM':12s}{_gib(p.hbm_bytes)}")
   lines.append("compute per chip and step:")
-  lines.append(f"  compiled {_flops(p.flops_per_chip)}; model (as zoo's MFU counts) "
-               f"{_flops(p.model_flops_per_chip)}")
+  lines.append(f"  compiled {_flops(p.flops_per_chip)} (without Pallas kernels' own); model (as "
+               f"zoo's MFU counts) {_flops(p.model_flops_per_chip)}")
   if p.roofline_step_seconds is not None:
     lines.append(f"  roofline bound (peak compute and HBM bandwidth; not a measurement): step "
                  f">= {p.roofline_step_seconds * 1e3:.3g} ms, MFU <= {p.roofline_mfu:.1%}")
-  lines.append("collectives in the compiled step (count, result bytes per chip):")
+  lines.append("collectives in the compiled step (count, result bytes per chip; the TPU compiler "
+               "may gather as an all-reduce of zero-padded shards):")
   for kind, c in p.collectives.items():
     if c["count"]:
       lines.append(f"  {kind:19s}{c['count']:5d}  {_gib(c['bytes'])}")

@@ -175,6 +175,11 @@ def use(mesh: Mesh, rules: Rules):
     _ACTIVE.pop()
 
 
+def active() -> tuple[Mesh, Rules] | None:
+  """The (mesh, rules) of the innermost `use` block, or None outside one."""
+  return _ACTIVE[-1] if _ACTIVE else None
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Constrains activation `x` to the sharding its logical `names` map to; a no-op outside
   `use(mesh, rules)`, so models run unchanged on one device."""

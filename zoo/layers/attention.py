@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from zoo.errors import ZooError
+from zoo.kernels.splash import splash_attention
 from zoo.layers.linear import Linear
 from zoo.layers.rope import apply_rope
 from zoo.models.config import LlamaConfig
@@ -29,12 +31,44 @@ def attention_mask(length: int, segment_ids: jax.Array | None, window: int | Non
 CACHE_AXES = ("batch", "kv_heads", "length", None)
 
 
+# attention_impl: auto picks by the platform the run's devices are on.
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")
+# What a layer takes: "splash_interpret" is the TPU kernel in Pallas's interpreter (the tests'
+# way to run it on a CPU); None is "xla".
+LAYER_IMPLS = ("xla", "splash", "splash_interpret", "cudnn", None)
+
+
+def resolve_attention_impl(name: str, platform: str, dtype) -> str:
+  """The attention implementation for config value `name` on devices of `platform` ("tpu",
+  "gpu", "cpu") computing in `dtype`: auto is splash (the Pallas kernel) on TPU, cuDNN's fused
+  attention on GPU in 16-bit compute (the dtypes it takes), XLA's otherwise."""
+  if name not in ATTENTION_IMPLS:
+    raise ZooError(f"unknown attention_impl {name!r}; use one of {', '.join(ATTENTION_IMPLS)}")
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if name == "auto":
+    return {"tpu": "splash", "gpu": "cudnn" if half else "xla"}.get(platform, "xla")
+  if name == "splash" and platform != "tpu":
+    raise ZooError(f"attention_impl splash is a TPU kernel, but this run's devices are "
+                   f"{platform}: use auto or xla")
+  if name == "cudnn" and (platform != "gpu" or not half):
+    raise ZooError(f"attention_impl cudnn needs NVIDIA GPUs and bfloat16 or float16 compute "
+                   f"(this run: {platform}, {jnp.dtype(dtype).name}): use auto or xla")
+  return name
+
+
 def dot_product_attention(q, k, v, *, segment_ids=None, window=None, implementation=None):
   """Causal attention. q: [B, T, N, H], k and v: [B, T, K, H] with N a multiple of K.
 
-  Plain causal and sliding-window attention go to `jax.nn.dot_product_attention` without a
-  mask, so the fused kernels (cuDNN) can serve them; packed segments need an explicit mask.
+  implementation: "xla" (or None), "cudnn", or "splash" (zoo.kernels.splash; "splash_interpret"
+  runs it in Pallas's interpreter). Plain causal and sliding-window attention go to
+  `jax.nn.dot_product_attention` without a mask, so cuDNN's fused kernel can serve them; packed
+  segments need an explicit mask there.
   """
+  if implementation in ("splash", "splash_interpret"):
+    return splash_attention(q, k, v, segment_ids=segment_ids, window=window,
+                            interpret=implementation == "splash_interpret")
+  if implementation not in LAYER_IMPLS:
+    raise ZooError(f"unknown attention implementation {implementation!r}")
   if segment_ids is None:
     window_size = None if window is None else (window - 1, 0)
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window_size,

@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.param_dtype = "float32"  # master parameters
   c.remat = "none"  # none | full | dots | dots_no_batch
   c.moe_impl = "ragged"
+  # auto | xla | splash | cudnn; auto: splash (the Pallas fused kernel) on TPU, cuDNN's fused
+  # attention on GPU in 16-bit compute, XLA's elsewhere (zoo.layers.attention)
+  c.attention_impl = "auto"
 
   c.data = ml_collections.ConfigDict(dict(
       source="python_stdlib",  # python_stdlib | files | tfds
@@ -191,7 +194,7 @@ def check_config(config: ml_collections.ConfigDict):
     for name in values:
       if name.startswith("model.") and set_(name):
         raise ZooError(f"{name} is set, but init_from takes the model from the checkpoint "
-                       f"(only dtype, param_dtype, remat and moe_impl apply)")
+                       f"(only dtype, param_dtype, remat, moe_impl and attention_impl apply)")
   if not config.lora.rank:
     for name in values:
       if name.startswith("lora.") and name != "lora.rank" and set_(name):

@@ -32,7 +32,8 @@ from zoo.layers.quant import KINDS as QUANT_KINDS
 from zoo.layers.quant import is_quantized, quantize_leaf
 from zoo.lora import LoraSpec, LoraTrees, split_for_training
 from zoo.models.config import LlamaConfig
-from zoo.models.llama import Llama, abstract_model
+from zoo.layers.attention import resolve_attention_impl
+from zoo.models.llama import Llama, abstract_model, as_dtype
 from zoo.models.loss import BATCH_DTYPES
 from zoo.models.presets import get_preset
 from zoo.train.checkpoint import load_tree
@@ -51,6 +52,7 @@ class Run:
   mesh: jax.sharding.Mesh
   rules: tuple
   data_dir: str
+  attention_impl: str  # resolved for the devices' platform
 
   @property
   def template_dir(self) -> str | None:
@@ -82,10 +84,12 @@ def lora_spec(config) -> LoraSpec | None:
                   dropout=float(cfg.dropout), rslora=bool(cfg.rslora))
 
 
-def model_kwargs(config) -> dict:
-  """How the model computes (not what it is): the Llama constructor's keyword arguments."""
+def model_kwargs(run: Run) -> dict:
+  """How the model computes (not what it is): the Llama constructor's keyword arguments, with
+  the attention implementation for the platform of the run's devices."""
+  config = run.config
   return dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat,
-              moe_impl=config.moe_impl)
+              moe_impl=config.moe_impl, attention_impl=run.attention_impl)
 
 
 def process_zero_first(fn):
@@ -187,7 +191,9 @@ def prepare(config, workdir: str, *, with_data: bool = True, devices=None) -> Ru
   if config.data.seq_len > model_config.max_position_embeddings:
     raise ZooError(f"data.seq_len {config.data.seq_len} is longer than the model allows "
                    f"({model_config.max_position_embeddings})")
-  return Run(config, workdir, model_config, tokenizer, mesh, rules, data_dir)
+  attention = resolve_attention_impl(config.attention_impl, mesh.devices.flat[0].platform,
+                                     as_dtype(config.dtype))
+  return Run(config, workdir, model_config, tokenizer, mesh, rules, data_dir, attention)
 
 
 @dataclasses.dataclass
@@ -230,7 +236,7 @@ class Trainer:
     if not config.init_from:
       def fresh(key):
         model = Llama(self.run.model_config, rngs=nnx.Rngs(params=key),
-                      **model_kwargs(config))
+                      **model_kwargs(run))
         return init_state(nnx.split(model, nnx.Param)[1].to_pure_dict(), self.tx, seed)
       return place(fresh)(jax.random.key(seed))
     params = load_tree(config.init_from, self.abstract_state["params"],
@@ -277,7 +283,7 @@ def _lora_trees(run: Run, load_base: bool) -> LoraTrees:
   (load_base=False: the base's shapes and shardings only)."""
   config = run.config
   trees = split_for_training(run.model_config, lora_spec(config), run.mesh, run.rules,
-                             seed=config.train.seed, **model_kwargs(config))
+                             seed=config.train.seed, **model_kwargs(run))
   quantize = None
   if config.lora.quantize != "none":
     def quantize(name, array):
@@ -299,7 +305,7 @@ def build(run: Run, *, load_base: bool = True) -> Trainer:
   spec = lora_spec(config)
   if spec is None:
     lora = None
-    model = abstract_model(run.model_config, **model_kwargs(config))
+    model = abstract_model(run.model_config, **model_kwargs(run))
     graphdef, abstract_params = nnx.split(model, nnx.Param)
     abstract_params = abstract_params.to_pure_dict()
     param_shardings = sharding.param_shardings(model, run.mesh, run.rules)
