@@ -22,6 +22,8 @@ def get_config(arg=None):
   c.init_from = args.get("init_from", "")
   c.data.update(dict(source="files" if args.get("files") else "python_stdlib",
                      files=args.get("files", ""), seq_len=512, batch_size=16))
+  # The weights split over every device (FSDP), as a 7B-8B model needs on any slice.
+  c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
   c.optimizer.update(dict(lr=2e-5, weight_decay=0.0, warmup_steps=100, schedule="cosine"))
   c.train.update(dict(steps=2000, log_every=10, eval_every=200, checkpoint_every=200))
   return shrink(c) if args.get("shrink") else c

@@ -36,6 +36,8 @@ def get_config(arg=None):
                      dropout=float(args.get("dropout", 0.0)),
                      quantize=args.get("quantize", "none")))
   c.remat = args.get("remat", "full")
+  # The weights split over every device (FSDP), as a 7B-8B model needs on any slice.
+  c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
   c.optimizer.update(dict(lr=2e-4, weight_decay=0.0, warmup_steps=50, schedule="cosine"))
   c.train.update(dict(steps=1000, log_every=10, eval_every=200, checkpoint_every=200))
   return shrink(c) if args.get("shrink") else c

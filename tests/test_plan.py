@@ -102,6 +102,21 @@ def test_gradient_accumulation_keeps_the_steps_flops():
   assert two.model_flops_per_chip == one.model_flops_per_chip
 
 
+def test_the_loss_chunk_and_remat_shrink_the_temporaries():
+  # Per chip, 8 rows of 512 tokens over a 32000-token vocabulary: float32 logits of 500 MiB,
+  # which the chunked loss never holds whole; remat full keeps each layer's input only.
+  shape = {"model.vocab_size": 32000, "data.seq_len": 512, "model.max_position_embeddings": 512,
+           "data.batch_size": 32, "dtype": "bfloat16"}
+
+  def temporaries(**more):
+    p = plan(load_config("configs/default.py", {**shape, **more}), topology="v5e:2x2")
+    return p.per_chip_bytes["temporaries"]
+
+  whole = temporaries()
+  assert whole - temporaries(**{"train.loss_chunk": 128}) > 0.9 * 8 * 512 * 32000 * 4
+  assert temporaries(remat="full") < whole
+
+
 def test_local_devices_give_the_compilers_exact_arguments():
   # The 8 host CPU devices of the tests: no tile padding, so our parts add up to the
   # compiler's own argument size exactly.

@@ -13,7 +13,8 @@ from zoo.errors import ZooError
 from zoo.models.llama import Llama, abstract_model
 from zoo.models.presets import get_preset
 from zoo.models.loss import loss_sums
-from zoo.train.step import forward, init_state, make_train_step, state_shardings
+from zoo.train.step import (batch_loss_sums, forward, init_state, make_train_step,
+                             state_shardings)
 
 CONFIG = get_preset("tiny_llama", vocab_size=256, hidden_size=64, num_heads=8, num_kv_heads=8,
                     intermediate_size=128, initializer_range=0.1)
@@ -50,6 +51,51 @@ def test_loss_is_weighted_cross_entropy_plus_z_loss():
   np.testing.assert_allclose(weight, w.sum(), rtol=1e-6)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   np.testing.assert_allclose(objective - nll, 1e-3 * np.sum(log_z ** 2 * w), rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [8, 16])
+def test_chunked_loss_equals_the_whole_logits(chunk):
+  # The reference: optax's cross-entropy and the z-loss on the whole [B, T, V] logits, with
+  # their gradients; the chunked loss never holds more than [B, chunk, V] of them.
+  graphdef = nnx.split(abstract_model(CONFIG))[0]
+  params, batch = init_params(), random_batch(1)
+
+  def whole(p):
+    logits = nnx.merge(graphdef, p)(batch["tokens"], batch["positions"], batch["segment_ids"])
+    w = batch["weights"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return jnp.sum(ce * w) + 1e-3 * jnp.sum(jax.nn.logsumexp(logits, axis=-1) ** 2 * w)
+
+  def chunked(p):
+    return batch_loss_sums(graphdef, p, batch, z_loss=1e-3, loss_chunk=chunk)[0]
+
+  ref, ref_grads = jax.jit(jax.value_and_grad(whole))(params)
+  got, grads = jax.jit(jax.value_and_grad(chunked))(params)
+  np.testing.assert_allclose(got, ref, rtol=1e-6)
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    r = dict(jax.tree_util.tree_leaves_with_path(ref_grads))[path]
+    np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=str(path))  # f32 sums
+
+
+def test_a_loss_chunk_must_divide_the_row():
+  graphdef = nnx.split(abstract_model(CONFIG))[0]
+  with pytest.raises(ZooError, match="must divide the sequence length"):
+    batch_loss_sums(graphdef, init_params(), random_batch(0), loss_chunk=12)
+
+
+@pytest.mark.parametrize("remat, impl", [("full", "checkpoint"), ("save_qkvo", "checkpoint"),
+                                         ("full", "custom_vjp")])
+def test_remat_policies_leave_the_gradients_alone(remat, impl):
+  # Remat changes what the backward pass keeps, never what it computes.
+  params, batch = init_params(), random_batch(2)
+
+  def grads(**kwargs):
+    graphdef = nnx.split(abstract_model(CONFIG, **kwargs))[0]
+    return jax.jit(jax.grad(lambda p: batch_loss_sums(graphdef, p, batch)[0]))(params)
+
+  ref = grads(remat="none")
+  for g, r in zip(jax.tree.leaves(grads(remat=remat, remat_impl=impl)), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-5)
 
 
 def test_gradient_accumulation_equals_one_big_batch():

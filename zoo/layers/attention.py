@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from zoo.errors import ZooError
 from zoo.kernels.splash import splash_attention
@@ -152,14 +153,18 @@ class Attention(nnx.Module):
     result is (output, the new tokens' {"k", "v": [B, K, T, H]}) for `write_cache`.
     """
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+    # The names let a remat policy keep these activations (zoo.models.llama.SAVEABLE).
+    q = checkpoint_name(self.q_proj(x), "q_proj").reshape(b, t, self.num_heads, self.head_dim)
+    k = checkpoint_name(self.k_proj(x), "k_proj").reshape(b, t, self.num_kv_heads,
+                                                          self.head_dim)
+    v = checkpoint_name(self.v_proj(x), "v_proj").reshape(b, t, self.num_kv_heads,
+                                                          self.head_dim)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if positions is None:
       out = dot_product_attention(q, k, v, segment_ids=segment_ids, window=self.window,
                                   implementation=self.implementation)  # [B, T, N, H]
-      return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim))
+      return checkpoint_name(self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)),
+                             "o_proj")
     out = cached_attention(q, k, v, cache, positions, self.window)
     new = {"k": constrain(k.transpose(0, 2, 1, 3), CACHE_AXES),
            "v": constrain(v.transpose(0, 2, 1, 3), CACHE_AXES)}

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from zoo.errors import ZooError
 from zoo.layers.attention import Attention
@@ -25,13 +26,26 @@ from zoo.models.presets import PRESETS, get_preset
 from zoo.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# What a rematerialised decoder layer keeps for the backward pass ("full" is `recompute`).
+# The activations a decoder layer names (jax.ad_checkpoint.checkpoint_name) for the policies
+# that keep only those: the attention's q, k, v and output projections and the MLP's input.
+SAVEABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_input")
+# What a rematerialised decoder layer keeps for the backward pass ("full" on the CPU is
+# `recompute`, below).
 REMAT_POLICIES = {
   "none": None,  # no remat: keep everything
   "full": jax.checkpoint_policies.nothing_saveable,  # only the layer's input
   "dots": jax.checkpoint_policies.checkpoint_dots,
   "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "save_qkvo": jax.checkpoint_policies.save_only_these_names(*SAVEABLE),
+  # the same activations, kept in the host's memory until the backward pass (TPU, GPU)
+  "offload_qkvo": jax.checkpoint_policies.save_and_offload_only_these_names(
+      names_which_can_be_saved=[], names_which_can_be_offloaded=list(SAVEABLE),
+      offload_src="device", offload_dst="pinned_host"),
 }
+# How remat is done: "checkpoint" (jax.checkpoint with the policy; XLA keeps its barriers on
+# TPU and GPU) or "custom_vjp" (XLA:CPU drops those barriers and merges the recomputation into
+# the forward pass, so remat "full" is `recompute` there); "auto" picks by jax's backend.
+REMAT_IMPLS = ("auto", "checkpoint", "custom_vjp")
 
 
 def as_dtype(dtype):
@@ -61,7 +75,7 @@ class DecoderLayer(nnx.Module):
     ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
     if positions is None:
       x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
-      return x + ffn(self.post_attention_layernorm(x))
+      return x + ffn(checkpoint_name(self.post_attention_layernorm(x), "mlp_input"))
     h, new = self.self_attn(self.input_layernorm(x), cos, sin, cache=cache, positions=positions)
     x = x + h
     return x + ffn(self.post_attention_layernorm(x)), new
@@ -75,13 +89,19 @@ class Llama(nnx.Module):
   """
 
   def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention_impl=None, moe_impl="ragged", remat="none", rngs: nnx.Rngs):
+               attention_impl=None, moe_impl="ragged", remat="none", remat_impl="auto",
+               rngs: nnx.Rngs):
     dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
     if remat not in REMAT_POLICIES:
       raise ZooError(f"unknown remat policy {remat!r}; use one of {', '.join(REMAT_POLICIES)}")
+    if remat_impl not in REMAT_IMPLS:
+      raise ZooError(f"unknown remat_impl {remat_impl!r}; use one of {', '.join(REMAT_IMPLS)}")
+    if remat_impl == "auto":
+      remat_impl = "custom_vjp" if jax.default_backend() == "cpu" else "checkpoint"
     self.config = config
     self.dtype = dtype
     self.remat = remat
+    self.remat_impl = remat_impl
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.embed_tokens = Embed(config.vocab_size, config.hidden_size,
                               std=config.initializer_range, rngs=rngs, **kw)
@@ -100,19 +120,24 @@ class Llama(nnx.Module):
     positions: [B, T] token positions (default 0..T-1); for packed rows they restart at each
     document. segment_ids: [B, T] document ids; attention never crosses a document boundary.
     """
+    return self.head(self.hidden_states(tokens, positions, segment_ids))
+
+  def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    """The last layer's output [B, T, D], before the final norm and the head (`head`)."""
     _, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
     cos, sin = rope_cos_sin(self.config, positions, self.dtype)
     x = constrain(self.embed_tokens(tokens), ("batch", "length", "embed"))  # [B, T, D]
     run = _apply_layer
-    if self.remat == "full":
+    if self.remat == "full" and self.remat_impl == "custom_vjp":
       run = recompute
     elif self.remat != "none":
       run = nnx.remat(_apply_layer, policy=REMAT_POLICIES[self.remat])
     for layer in self.layers:
       x = constrain(run(layer, x, cos, sin, segment_ids), ("batch", "length", "embed"))
-    return self.head(x)
+    return x
 
   def head(self, x: jax.Array) -> jax.Array:
     """Logits [..., vocab] of the last layer's hidden states x [..., D] (final norm included)."""

@@ -6,8 +6,12 @@ A batch is a dict of [B, T] arrays: `tokens` (inputs), `targets` (the next token
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+
+from zoo.errors import ZooError
 
 Batch = dict[str, jax.Array]
 # The dtype of each batch array, as zoo.data.pipeline yields them.
@@ -39,3 +43,34 @@ def byte_sum(batch: Batch, token_bytes: jax.Array) -> jax.Array:
   length in bytes, 0 for control tokens): the denominator of bits per byte."""
   return jnp.sum(token_bytes[batch["targets"]].astype(jnp.float32)
                  * batch["weights"].astype(jnp.float32))
+
+
+def chunked_loss_sums(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, batch: Batch,
+                      z_loss: float = 0.0, chunk: int = 0
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`loss_sums(head(hidden), batch, z_loss)` without the whole [B, T, V] logits: `head` maps
+  hidden states [B, c, D] to logits, `chunk` (c) tokens of each row at a time, and the backward
+  pass computes each chunk's logits again, so one chunk's logits exist at a time. At 8B scale
+  one 8192-token row's float32 logits over a 128k vocabulary are 4.2 GB. chunk 0 (or one that
+  covers the row) is the plain computation."""
+  b, t, d = hidden.shape
+  if not chunk or chunk >= t:
+    return loss_sums(head(hidden), batch, z_loss)
+  if t % chunk:
+    raise ZooError(f"the loss chunk ({chunk} tokens) must divide the sequence length ({t})")
+  n = t // chunk
+
+  def split(x):  # [B, T, ...] -> [n, B, chunk, ...]
+    return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def one(h, targets, weights):
+    return loss_sums(head(h), {"targets": targets, "weights": weights}, z_loss)
+
+  def body(sums, xs):
+    return tuple(a + b for a, b in zip(sums, one(*xs), strict=True)), None
+
+  zero = jnp.zeros((), jnp.float32)
+  sums, _ = jax.lax.scan(body, (zero, zero, zero),
+                         (split(hidden), split(batch["targets"]), split(batch["weights"])))
+  return sums

@@ -32,7 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_from = ""  # a zoo or HF checkpoint to fine-tune from (its config and tokenizer)
   c.dtype = "float32"  # compute dtype
   c.param_dtype = "float32"  # master parameters
-  c.remat = "none"  # none | full | dots | dots_no_batch
+  c.remat = "none"  # none | full | dots | dots_no_batch | save_qkvo | offload_qkvo
   c.moe_impl = "ragged"
   # auto | xla | splash | cudnn; auto: splash (the Pallas fused kernel) on TPU, cuDNN's fused
   # attention on GPU in 16-bit compute, XLA's elsewhere (zoo.layers.attention)
@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
       seed=0,
       grad_accum=1,
       z_loss=0.0,
+      # The loss makes the logits this many tokens of each row at a time and again in the
+      # backward pass, so the whole [batch, length, vocab] never exists; 0: all at once.
+      loss_chunk=0,
       log_every=10,
       eval_every=50,
       eval_batches=8,
@@ -103,7 +106,11 @@ def pretraining_config(preset: str, *, seq_len: int, batch_size: int, lr: float,
   c = base_config()
   c.model = ml_collections.ConfigDict({"preset": preset})
   c.dtype = "bfloat16"
-  c.remat = "dots_no_batch"
+  # On TPU, splash attention (attention_impl auto), each layer's input alone kept for the
+  # backward pass, and the logits made 1024 tokens at a time: what fits 8 sequences of 8192
+  # tokens of an 8B model on a v5p chip (zoo plan; README).
+  c.remat = "full"
+  c.train.loss_chunk = 1024
   c.data.update(dict(seq_len=seq_len, batch_size=batch_size, vocab_size=32000))
   c.optimizer.update(dict(lr=lr, b2=0.95, weight_decay=0.1, warmup_steps=2000,
                           min_lr_ratio=0.1, grad_clip=1.0))

@@ -55,6 +55,11 @@ class Run:
   attention_impl: str  # resolved for the devices' platform
 
   @property
+  def platform(self) -> str:
+    """The platform of the run's devices ("cpu", "gpu", "tpu"; for zoo plan, the target's)."""
+    return self.mesh.devices.flat[0].platform
+
+  @property
   def template_dir(self) -> str | None:
     return template_dir_for(self.config.data, self.config.init_from)
 
@@ -89,6 +94,7 @@ def model_kwargs(run: Run) -> dict:
   the attention implementation for the platform of the run's devices."""
   config = run.config
   return dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat,
+              remat_impl="custom_vjp" if run.platform == "cpu" else "checkpoint",
               moe_impl=config.moe_impl, attention_impl=run.attention_impl)
 
 
@@ -113,6 +119,10 @@ def _check_train_fields(config):
     raise ZooError("train.grad_accum must be >= 1")
   if config.train.schedule_steps < 0:
     raise ZooError("train.schedule_steps must be >= 0")
+  chunk, length = config.train.loss_chunk, config.data.seq_len
+  if chunk < 0 or (0 < chunk < length and length % chunk):
+    raise ZooError(f"train.loss_chunk {chunk} must be 0 (the whole row), divide data.seq_len "
+                   f"({length}) or cover it")
   make_optimizer(config.optimizer, schedule_steps(config))  # checks the optimizer fields
   lora_spec(config)  # checks the LoRA fields
 
@@ -191,8 +201,11 @@ def prepare(config, workdir: str, *, with_data: bool = True, devices=None) -> Ru
   if config.data.seq_len > model_config.max_position_embeddings:
     raise ZooError(f"data.seq_len {config.data.seq_len} is longer than the model allows "
                    f"({model_config.max_position_embeddings})")
-  attention = resolve_attention_impl(config.attention_impl, mesh.devices.flat[0].platform,
-                                     as_dtype(config.dtype))
+  platform = mesh.devices.flat[0].platform
+  attention = resolve_attention_impl(config.attention_impl, platform, as_dtype(config.dtype))
+  if config.remat.startswith("offload") and platform == "cpu":
+    raise ZooError(f"remat {config.remat} offloads activations to host memory, which needs "
+                   "TPU or GPU devices; on the CPU use full, save_qkvo, dots or none")
   return Run(config, workdir, model_config, tokenizer, mesh, rules, data_dir, attention)
 
 
@@ -323,10 +336,11 @@ def build(run: Run, *, load_base: bool = True) -> Trainer:
   dropout = spec is not None and spec.dropout > 0
   train_step = jax.jit(
       make_train_step(graphdef, tx, schedule, z_loss=config.train.z_loss,
-                      grad_accum=config.train.grad_accum, dropout=dropout),
+                      grad_accum=config.train.grad_accum, dropout=dropout,
+                      loss_chunk=config.train.loss_chunk),
       in_shardings=(shardings, batch_sharding, *base_shardings),
       out_shardings=(shardings, rep), donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(graphdef),
+  eval_step = jax.jit(make_eval_step(graphdef, loss_chunk=config.train.loss_chunk),
                       in_shardings=(shardings["params"], batch_sharding, rep, *base_shardings))
   return Trainer(run, graphdef, tx, schedule, shardings, abstract, batch_sharding, lora,
                  train_step, eval_step)

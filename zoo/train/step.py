@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from zoo.lora import set_dropout_rng
-from zoo.models.loss import Batch, byte_sum, loss_sums
+from zoo.models.loss import Batch, byte_sum, chunked_loss_sums
 
 State = dict[str, Any]
 
@@ -47,10 +47,7 @@ def state_shardings(tx: optax.GradientTransformation, params: dict, param_shardi
   return {"step": replicated, "params": param_shardings, "opt_state": opt, "rng": replicated}
 
 
-def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch, base: dict | None = None,
-            dropout_rng: jax.Array | None = None) -> jax.Array:
-  """Logits [B, T, V] of the model `graphdef` with `params` (and the LoRA base; with
-  `dropout_rng`, LoRA dropout on)."""
+def _model(graphdef: nnx.GraphDef, params: dict, base: dict | None, dropout_rng):
   trees = (params,) if base is None else (params, base)
   try:
     model = nnx.merge(graphdef, *trees)
@@ -59,12 +56,30 @@ def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch, base: dict | Non
                      "a LoRA step takes the frozen base tree as its third argument") from None
   if dropout_rng is not None:
     set_dropout_rng(model, dropout_rng)
+  return model
+
+
+def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch, base: dict | None = None,
+            dropout_rng: jax.Array | None = None) -> jax.Array:
+  """Logits [B, T, V] of the model `graphdef` with `params` (and the LoRA base; with
+  `dropout_rng`, LoRA dropout on)."""
+  model = _model(graphdef, params, base, dropout_rng)
   return model(batch["tokens"], batch["positions"], batch["segment_ids"])
+
+
+def batch_loss_sums(graphdef: nnx.GraphDef, params: dict, batch: Batch, base: dict | None = None,
+                    dropout_rng: jax.Array | None = None, *, z_loss: float = 0.0,
+                    loss_chunk: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`loss_sums(forward(...), batch, z_loss)`, the logits made `loss_chunk` tokens of each row
+  at a time (0: all at once; zoo.models.loss.chunked_loss_sums)."""
+  model = _model(graphdef, params, base, dropout_rng)
+  hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
+  return chunked_loss_sums(model.head, hidden, batch, z_loss, loss_chunk)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, z_loss: float = 0.0, grad_accum: int = 1,
-                    dropout: bool = False):
+                    dropout: bool = False, loss_chunk: int = 0):
   """The train step for a model graph and optimizer.
 
   With grad_accum > 1 the batch is split into that many microbatches (every grad_accum-th row,
@@ -73,11 +88,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
   dropout=True (LoRA dropout): each step draws its masks from a key folded from the state's
   rng and step (and the microbatch), so a resumed run draws the same masks.
+
+  loss_chunk > 0 makes the logits that many tokens of each row at a time (batch_loss_sums).
   """
 
   def objective(params, batch, base, key):
-    logits = forward(graphdef, params, batch, base, key)
-    total, nll, weight = loss_sums(logits, batch, z_loss)
+    total, nll, weight = batch_loss_sums(graphdef, params, batch, base, key, z_loss=z_loss,
+                                         loss_chunk=loss_chunk)
     return total, (nll, weight)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -122,11 +139,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef):
+def make_eval_step(graphdef: nnx.GraphDef, *, loss_chunk: int = 0):
   """eval_step(params, batch, token_bytes, base=None) -> {"nll_sum", "weight", "bytes"}:
   sums over the batch, with the UTF-8 bytes its targets stand for (for bits per byte)."""
   def eval_step(params: dict, batch: Batch, token_bytes: jax.Array, base: dict | None = None
                 ) -> dict:
-    _, nll, weight = loss_sums(forward(graphdef, params, batch, base), batch)
+    _, nll, weight = batch_loss_sums(graphdef, params, batch, base, loss_chunk=loss_chunk)
     return {"nll_sum": nll, "weight": weight, "bytes": byte_sum(batch, token_bytes)}
   return eval_step
