@@ -12,6 +12,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from zoo.cli import REPO_ROOT
+from zoo.train.config import load_config
 
 
 def tokens(batch=2, length=40, vocab=128, seed=0) -> np.ndarray:
@@ -31,6 +32,17 @@ def flags(corpus, **overrides) -> list[str]:
             "train.sample_tokens": 0, "train.peak_flops": 1e12, "optimizer.warmup_steps": 2}
   values.update(overrides)
   return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+def small_config(corpus, **overrides):
+  """The config `flags(corpus, **overrides)` gives `zoo train`, loaded, for in-process runs."""
+  defaults = load_config("configs/default.py")
+  values = {}
+  for arg in flags(corpus, **overrides):
+    name, value = arg[len("--config."):].split("=", 1)
+    section, field = name.split(".")
+    values[name] = type(defaults[section][field])(value)
+  return load_config("configs/default.py", values)
 
 
 def zoo_train(workdir, *args, wait=True, config="configs/default.py"):

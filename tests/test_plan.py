@@ -142,8 +142,9 @@ def test_lora_and_qlora_plans_train_only_the_adapters(base_checkpoint):
   adapters = c.num_layers * rank * (2 * c.hidden_size + c.num_heads * c.head_dim
                                     + c.num_kv_heads * c.head_dim) * 4
   config = f"configs/lora.py:init_from={base_checkpoint},rank={rank},targets=q_proj+v_proj"
-  lora = plan(load_config(config), topology="v5e:2x2")
-  qlora = plan(load_config(config + ",quantize=nf4"), topology="v5e:2x2")
+  data_parallel = {"mesh.data": -1, "mesh.fsdp": 1}  # every chip holds every weight
+  lora = plan(load_config(config, data_parallel), topology="v5e:2x2")
+  qlora = plan(load_config(config + ",quantize=nf4", data_parallel), topology="v5e:2x2")
   assert lora.lora and qlora.lora and lora.fits and qlora.fits
   for p in (lora, qlora):
     assert 0 <= p.per_chip_bytes["optimizer"] - 2 * adapters <= 64

@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from tests.helpers import flags
+from tests.helpers import flags, small_config
 from zoo.cli import main
 from zoo.data.tokenizers import load_tokenizer
-from zoo.train.config import base_config, load_config
+from zoo.train.config import base_config
 from zoo.train.setup import prepare
 
 
@@ -23,10 +23,7 @@ def test_eval_bpb_is_nats_over_decoded_bytes(corpus, tmp_path, capsys):
     record = [json.loads(line) for line in f][-1]
   assert "bits per byte" in out and f"{record['eval_bpb']:.3f}" in out
   # The same held-out batches, decoded by the tokenizer itself.
-  values = {a.split("=", 1)[0][len("--config."):]: a.split("=", 1)[1] for a in args}
-  defaults = load_config("configs/default.py")
-  values = {k: type(defaults[k.split(".")[0]][k.split(".")[1]])(v) for k, v in values.items()}
-  run = prepare(load_config("configs/default.py", values), str(tmp_path))
+  run = prepare(small_config(corpus, **overrides), str(tmp_path))
   tokenizer = load_tokenizer(str(tmp_path / "model"))
   batches = run.data("validation")
   weight = num_bytes = 0.0

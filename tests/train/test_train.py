@@ -1,17 +1,21 @@
 """`zoo train` end to end: every config, exact resume after SIGKILL, preemption, damaged
 checkpoints, a new mesh on resume, NaN stops, and one-line errors for bad input."""
 
+import dataclasses
 import glob
 import json
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
 
-from tests.helpers import flags, losses, wait_for_step, zoo_train
+from tests.helpers import flags, losses, small_config, wait_for_step, zoo_train
 from zoo.cli import REPO_ROOT, main
 from zoo.convert.checkpoint import Checkpoint
+from zoo.train import loop
+from zoo.train.setup import Trainer
 
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO_ROOT, "configs", "*.py")))
 
@@ -169,3 +173,69 @@ def test_bad_input_is_one_line_before_compiling(case, corpus, tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("zoo: ") and words in err[0], err
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.mark.slow
+def test_the_loop_dispatches_the_next_step_before_reading_a_loss(corpus, tmp_path,
+                                                                  monkeypatch):
+  # A data pipeline that sleeps on the host, and a log of what the loop does in order: each
+  # train step dispatched, each step's metrics read. Outside the steps whose state is kept
+  # (checkpoints, eval, the end), step N's metrics are read only once step N + 1 is queued.
+  events = []
+  real_build, real_batch = loop.build, Trainer.global_batch
+
+  def slow_batch(self, batch):
+    time.sleep(0.05)
+    return real_batch(self, batch)
+
+  def build(run):
+    trainer = real_build(run)
+    step_fn = trainer.train_step
+
+    def train_step(*args):
+      events.append(("dispatch", len([e for e in events if e[0] == "dispatch"]) + 1))
+      return step_fn(*args)
+
+    return dataclasses.replace(trainer, train_step=train_step)
+
+  real_fetch = loop.fetch_metrics
+
+  def fetch(out):
+    events.append(("read", None))
+    return real_fetch(out)
+
+  monkeypatch.setattr(Trainer, "global_batch", slow_batch)
+  monkeypatch.setattr(loop, "build", build)
+  monkeypatch.setattr(loop, "fetch_metrics", fetch)
+  loop.train(small_config(corpus, **{"train.steps": 8, "train.checkpoint_every": 4}),
+             str(tmp_path))
+  order = []
+  dispatched = read = 0
+  for kind, _ in events:
+    if kind == "dispatch":
+      dispatched += 1
+    else:
+      read += 1
+      order.append((read, dispatched))
+  # Step N's metrics read with N + 1 dispatched, except at the checkpoints: 1 (orbax saves a
+  # run's first step), 4 and 8 (the end).
+  assert order == [(1, 1), (2, 3), (3, 4), (4, 4), (5, 6), (6, 7), (7, 8), (8, 8)]
+  blocking = [n for n, d in order if d == n]
+  assert blocking == [1, 4, 8]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_compiles_nothing_again(corpus, tmp_path):
+  # JAX's persistent compilation cache in the workdir: the second process (the same schedule,
+  # so the same programs) finds every program it needs there, so it writes no new entry.
+  code, _, err = zoo_train(tmp_path, *flags(corpus, **{"train.steps": 4,
+                                                       "train.schedule_steps": 8}))
+  assert code == 0, err
+  cache = tmp_path / "compilation_cache"
+  first = sorted(os.listdir(cache))
+  assert len(first) > 0
+  code, out, err = zoo_train(tmp_path, *flags(corpus, **{"train.steps": 8,
+                                                         "train.schedule_steps": 8}))
+  assert code == 0, err
+  assert "resuming from the checkpoint at step 4" in err + out
+  assert sorted(os.listdir(cache)) == first

@@ -43,6 +43,10 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(directory, options=options,
                                          item_names=("state", "data", "meta"))
 
+  def due(self, step: int) -> bool:
+    """Whether `save(step, ...)` would save (the step is on the interval)."""
+    return bool(self.every) and self.manager.should_save(step)
+
   def save(self, step: int, state: Any, data_iter, meta: dict, *, force: bool = False) -> bool:
     """Saves if `step` is on the interval (or `force`); returns whether it started a save."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),

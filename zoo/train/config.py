@@ -79,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
       keep_checkpoints=2,
       async_checkpoints=True,
       peak_flops=0.0,  # the hardware's total FLOP/s for MFU; 0: measure a matmul here
+      # JAX's persistent compilation cache ("": WORKDIR/compilation_cache), which a restarted
+      # or resumed job reads instead of compiling again
+      compilation_cache_dir="",
       # The end-of-run sample: sample_tokens new tokens after sample_prompt, drawn at
       # sample_temperature (0: greedy) and sample_top_p with sample_seed.
       sample_prompt="def ",

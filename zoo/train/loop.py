@@ -38,6 +38,8 @@ def train(config, workdir: str) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary."""
   workdir = os.path.abspath(workdir)  # orbax wants absolute paths
   os.makedirs(workdir, exist_ok=True)
+  use_compilation_cache(config.train.compilation_cache_dir
+                        or os.path.join(workdir, "compilation_cache"))
   trainer = build(prepare(config, workdir))
   tcfg = config.train
   data = trainer.run.data("train")
@@ -51,25 +53,32 @@ def train(config, workdir: str) -> dict:
   heartbeat = Heartbeat.from_env()  # first beat after the first step (which compiles)
   summary = {"start_step": start, "losses": {}}
   last_saved = checkpoints.latest_step()
+
+  def stop_words():
+    checkpoints.wait()
+    return last_checkpoint_words(last_saved, workdir)
+
   with sharding.use(trainer.run.mesh, trainer.run.rules), StopFlag() as stop, \
        Progress(tcfg.steps, start) as progress:
+    pending = PendingSteps(metrics, throughput, progress, summary["losses"], stop_words)
     for step in range(start + 1, tcfg.steps + 1):
+      # Dispatched without waiting: the device runs it while the host logs the step before
+      # and loads the next batch.
       state, out = trainer.train_step(state, trainer.global_batch(next(data)), *trainer.base)
-      loss = float(out["loss"])
-      heartbeat.beat(step)
-      if not math.isfinite(loss):
-        checkpoints.wait()
-        raise ZooError(f"loss became {loss} at step {step}; stopping "
-                       f"({last_checkpoint_words(last_saved, workdir)})")
-      summary["losses"][step] = loss
-      record = {"loss": loss, **throughput.update(step, out)}
-      if tcfg.eval_every and (step % tcfg.eval_every == 0 or step == tcfg.steps):
-        record.update(evaluate(trainer, state["params"], token_bytes))
-        summary.update(eval_loss=record["eval_loss"], eval_bpb=record["eval_bpb"])
-        summary.setdefault("first_eval_loss", record["eval_loss"])
-        summary.setdefault("first_eval_bpb", record["eval_bpb"])
-      metrics.write(step, record)
-      progress.update(loss)
+      pending.add(step, out)
+      evaluating = bool(tcfg.eval_every) and (step % tcfg.eval_every == 0 or step == tcfg.steps)
+      if not (evaluating or checkpoints.due(step) or stop.signal or step == tcfg.steps):
+        logged = pending.log(keep=1)  # the step before this one
+        if logged is not None:
+          heartbeat.beat(logged)
+        continue
+      # This step's state is kept (evaluated or saved): its loss must be known first.
+      extra = evaluate(trainer, state["params"], token_bytes) if evaluating else None
+      heartbeat.beat(pending.log(keep=0, extra=extra))
+      if extra:
+        summary.update(eval_loss=extra["eval_loss"], eval_bpb=extra["eval_bpb"])
+        summary.setdefault("first_eval_loss", extra["eval_loss"])
+        summary.setdefault("first_eval_bpb", extra["eval_bpb"])
       if checkpoints.save(step, state, data, meta, force=stop.signal is not None):
         last_saved = step
       if stop.signal is not None:
@@ -99,6 +108,55 @@ def resume_or_start(trainer: Trainer, checkpoints: Checkpointer, data,
   metrics.truncate_after(step)
   print(f"zoo: resuming from the checkpoint at step {step}")
   return step, state
+
+
+def use_compilation_cache(directory: str):
+  """JAX's persistent compilation cache in `directory`, so that a restarted or resumed job
+  loads its compiled steps instead of compiling them again (set before anything compiles)."""
+  jax.config.update("jax_compilation_cache_dir", directory)
+  # Every program, however quick to compile: on a TPU pod even the small ones add up.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+class PendingSteps:
+  """Steps dispatched to the device whose metrics the host has not read yet. Reading a step's
+  metrics waits for that step only, so the loop reads each one a step late, with the next
+  already queued, except where it keeps the state (eval, checkpoint, the end)."""
+
+  def __init__(self, metrics: MetricsWriter, throughput: Throughput, progress: Progress,
+               losses: dict, stop_words):
+    self.metrics, self.throughput, self.progress, self.losses = metrics, throughput, progress, \
+        losses
+    self.stop_words = stop_words  # () -> the words naming the last good checkpoint
+    self.steps: list[tuple[int, dict]] = []
+
+  def add(self, step: int, out: dict):
+    self.steps.append((step, out))
+
+  def log(self, keep: int, extra: dict | None = None) -> int:
+    """Reads and logs every pending step but the newest `keep`; `extra` joins the newest
+    logged step's record. Returns the last step logged. A non-finite loss or gradient (the
+    step's `finite`, computed on the device) stops the run."""
+    step = None
+    while len(self.steps) > keep:
+      step, out = self.steps.pop(0)
+      values = fetch_metrics(out)
+      if not values["finite"]:
+        raise ZooError(f"loss became {values['loss']} (gradient norm {values['grad_norm']}) "
+                       f"at step {step}; stopping ({self.stop_words()})")
+      self.losses[step] = values["loss"]
+      record = {"loss": values["loss"], **self.throughput.update(step, values)}
+      if len(self.steps) == keep and extra:
+        record.update(extra)
+      self.metrics.write(step, record)
+      self.progress.update(values["loss"])
+    return step
+
+
+def fetch_metrics(out: dict) -> dict:
+  """A step's metrics (device scalars) as Python numbers: the loop's one read per step, which
+  waits for that step to finish."""
+  return {k: bool(v) if k == "finite" else float(v) for k, v in jax.device_get(out).items()}
 
 
 def last_checkpoint_words(step: int | None, workdir: str) -> str:
@@ -133,14 +191,16 @@ class Throughput:
     self.per_token = flops_per_token(trainer.run.model_config, config.data.seq_len)
     self.start, self.tokens = time.perf_counter(), 0.0
 
-  def update(self, step: int, out: dict) -> dict:
-    """The step's metrics to log beyond the loss: none between log points."""
-    self.tokens += float(out["tokens"])
+  def update(self, step: int, values: dict) -> dict:
+    """The step's metrics (read: Python numbers) to log beyond the loss: none between log
+    points. The rate counts from when the steps were logged, which trails the device by one
+    step: over a log interval, the same."""
+    self.tokens += values["tokens"]
     if step % self.every and step != self.last:
       return {}
     rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
     self.start, self.tokens = time.perf_counter(), 0.0
-    return {"lr": float(out["lr"]), "grad_norm": float(out["grad_norm"]),
+    return {"lr": values["lr"], "grad_norm": values["grad_norm"],
             "tokens_per_sec": rate, "mfu": mfu(rate, self.per_token, self.peak)}
 
 

@@ -249,7 +249,7 @@ class Trainer:
     if not config.init_from:
       def fresh(key):
         model = Llama(self.run.model_config, rngs=nnx.Rngs(params=key),
-                      **model_kwargs(run))
+                      **model_kwargs(self.run))
         return init_state(nnx.split(model, nnx.Param)[1].to_pure_dict(), self.tx, seed)
       return place(fresh)(jax.random.key(seed))
     params = load_tree(config.init_from, self.abstract_state["params"],

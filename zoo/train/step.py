@@ -132,8 +132,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = dict(state, step=state["step"] + 1, params=optax.apply_updates(params, updates),
                      opt_state=opt_state)
-    metrics = {"loss": nll / denom, "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state["step"]), "tokens": weight}
+    loss, grad_norm = nll / denom, optax.tree.norm(grads)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+               "tokens": weight, "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
     return new_state, metrics
 
   return train_step
