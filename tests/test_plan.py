@@ -75,6 +75,7 @@ def test_fsdp_memory_parts_are_what_the_shardings_imply():
   assert p.collectives["all-gather"]["count"] > 0
   assert p.collectives["reduce-scatter"]["count"] + p.collectives["all-reduce"]["count"] > 0
   assert 0 < p.roofline_mfu < 1
+  assert all(a["bytes"] <= parts["total"] for a in p.largest_allocations)
 
 
 def test_data_parallel_batch_halves_when_the_data_axis_doubles_and_slices_add_chips():
@@ -175,6 +176,11 @@ def test_a_config_that_does_not_fit_exits_1_naming_the_temporaries(capsys):
   assert result["per_chip_bytes"]["total"] > result["hbm_bytes"]
   assert "largest part is temporaries" in result["verdict"]
   assert "data.batch_size: now 1024 per chip" in result["verdict"]
+  # What a refused step still shows: the compiler's largest buffers and the collectives.
+  sizes = [a["bytes"] for a in result["largest_allocations"]]
+  assert len(sizes) == 5 and sizes == sorted(sizes, reverse=True)
+  assert 0 < sizes[0] <= result["per_chip_bytes"]["total"] * 1.01
+  assert result["collectives"]["all-reduce"]["count"] > 0  # data parallel: gradients
 
 
 def test_parameters_that_do_not_fit_are_named(capsys):

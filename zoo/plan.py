@@ -227,6 +227,7 @@ class Plan:
   compile_seconds: float
   batch_per_chip: float
   lora: bool
+  largest_allocations: list  # the compiler's largest buffers: bytes, values, shapes
   verdict: str
 
   def to_json(self) -> dict:
@@ -251,8 +252,9 @@ def _sequences_per_chip(run) -> float:
 
 
 def _compile(trainer: Trainer, args: tuple):
-  """(the compiled step or None, the compiled program's HLO text, None or (required, available)
-  bytes per chip when the TPU compiler refuses the step for lack of memory, seconds taken).
+  """(the compiled step or None, the compiled program's HLO text, its largest allocations,
+  None or (required, available) bytes per chip when the TPU compiler refuses the step for lack
+  of memory, seconds taken).
 
   The compiler writes the optimized program's text itself (jaxlib cannot always read back what
   libtpu compiled, so `Compiled.as_text()` is no way to get it)."""
@@ -270,12 +272,38 @@ def _compile(trainer: Trainer, args: tuple):
         raise
       compiled = None
     seconds = time.perf_counter() - start
-    texts = glob.glob(os.path.join(dump, "*train_step*.after_optimizations.txt"))
-    hlo = ""
-    if texts:
-      with open(texts[0], encoding="utf-8") as f:
-        hlo = f.read()
-  return compiled, hlo, refused, seconds
+    hlo = _read_dump(dump, "after_optimizations.txt")
+    report = _read_dump(dump, "after_optimizations-memory-usage-report.txt")
+  return compiled, hlo, largest_allocations(report), refused, seconds
+
+
+def _read_dump(directory: str, suffix: str) -> str:
+  """The text of the train step's dump file ending in `suffix` ("" if the compiler wrote none)."""
+  found = glob.glob(os.path.join(directory, f"*train_step*.{suffix}"))
+  if not found:
+    return ""
+  with open(found[0], encoding="utf-8") as f:
+    return f.read()
+
+
+_ALLOCATION = re.compile(r"^\s*[\d.]+[KMGT]?i?B\(\s*\d+%\);\s*([\d.]+[KMGT]?i?B);\s*\d+;\s*(\d+);\s*(.*)$")
+
+
+def largest_allocations(report: str, count: int = 5) -> list[dict]:
+  """The `count` largest buffers of the compiler's memory-usage report (written whether the
+  step fits or not): {"bytes", "values" (how many values share the buffer over the program),
+  "shapes" (theirs, as the compiler lists them)}."""
+  out = []
+  for line in report.splitlines():
+    m = _ALLOCATION.match(line)
+    if m:
+      out.append({"bytes": _bytes(m.group(1).replace("iB", "").rstrip("B")),
+                  "values": int(m.group(2)), "shapes": m.group(3).strip()})
+    elif out and not line.strip():
+      break  # the first table (the default memory space) ends with a blank line
+    if len(out) == count:
+      break
+  return out
 
 
 def plan(config, *, topology: str | None = None, slices: int = 1, config_name: str = "config"
@@ -299,9 +327,9 @@ def plan(config, *, topology: str | None = None, slices: int = 1, config_name: s
   hbm = _usable_hbm(devices)
   model_flops = (flops_per_token(run.model_config, config.data.seq_len)
                  * config.data.batch_size * config.data.seq_len / len(devices))
-  compiled, hlo, refused, seconds = _compile(trainer, args)
+  compiled, hlo, allocations, refused, seconds = _compile(trainer, args)
   flops = step_time = roofline = None
-  found_collectives = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+  found_collectives = collectives(hlo)  # the dump is written even when the step does not fit
   if compiled is None:
     required, hbm = refused
     parts["temporaries"] = max(required - arguments, 0)
@@ -326,12 +354,11 @@ def plan(config, *, topology: str | None = None, slices: int = 1, config_name: s
       step_time = max(max(flops, model_flops) / chip.peak_flops,
                       cost.get("bytes accessed", 0.0) * repeats / chip.hbm_bandwidth)
       roofline = model_flops / (chip.peak_flops * step_time)
-    found_collectives = collectives(hlo)
   fits = None if hbm is None else compiled is not None and parts["total"] <= hbm
   result = Plan(config_name, topo_name, chip.name if chip else devices[0].device_kind,
                 len(devices), slices, dict(run.mesh.shape), fits, hbm, parts, flops,
                 model_flops, step_time, roofline, found_collectives, seconds,
-                _sequences_per_chip(run), trainer.lora is not None, "")
+                _sequences_per_chip(run), trainer.lora is not None, allocations, "")
   result.verdict = verdict(result, config)
   return result
 
@@ -402,6 +429,12 @@ def format_plan(p: Plan) -> str:
   for kind, c in p.collectives.items():
     if c["count"]:
       lines.append(f"  {kind:19s}{c['count']:5d}  {_gib(c['bytes'])}")
+  if p.largest_allocations:
+    lines.append("largest buffers (from the compiler's memory report: size, values sharing "
+                 "it over the program, their shapes):")
+    for a in p.largest_allocations:
+      shapes = a["shapes"] if len(a["shapes"]) <= 70 else a["shapes"][:67] + "..."
+      lines.append(f"  {_gib(a['bytes'])}  {a['values']:4d}  {shapes}")
   lines.append(f"compiled in {p.compile_seconds:.1f} s")
   lines.append(p.verdict)
   return "\n".join(lines)
