@@ -15,7 +15,7 @@ from tests.helpers import flags, losses, small_config, wait_for_step, zoo_train
 from zoo.cli import REPO_ROOT, main
 from zoo.convert.checkpoint import Checkpoint
 from zoo.train import loop
-from zoo.train.setup import Trainer
+from zoo.train.setup import Trainer, prepare
 
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO_ROOT, "configs", "*.py")))
 
@@ -160,11 +160,24 @@ BAD = {
   "no_data": (["--config.data.files=/nonexistent/*.txt"], "/nonexistent"),
   "bad_config_arg": (["--config", "configs/default.py:bogus"], "bogus"),
   "missing_config_file": (["--config", "configs/nope.py"], "nope.py"),
+  "splash_on_cpu": (["--config.attention_impl=splash"], "splash is a TPU kernel"),
+  "offload_on_cpu": (["--config.remat=offload_qkvo"], "needs TPU or GPU devices"),
+  "unknown_remat": (["--config.remat=everything"], "unknown remat policy 'everything'"),
+  "loss_chunk": (["--config.train.loss_chunk=24"], "train.loss_chunk 24 must be 0"),
 }
 
 
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+  """The corpus with its datasets and tokenizer built, as a first run builds them, so that a
+  test's stderr holds only what the run it starts prints (not TFDS's progress bars)."""
+  prepare(small_config(corpus), str(tmp_path_factory.mktemp("prepared")))
+  return corpus
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_is_one_line_before_compiling(case, corpus, tmp_path, capsys):
+def test_bad_input_is_one_line_before_compiling(case, prepared, tmp_path, capsys):
+  corpus = prepared
   extra, words = BAD[case]
   argv = ["train", "--workdir", str(tmp_path), *flags(corpus), *extra]
   if extra[0] == "--config":

@@ -33,7 +33,7 @@ from zoo.layers.quant import is_quantized, quantize_leaf
 from zoo.lora import LoraSpec, LoraTrees, split_for_training
 from zoo.models.config import LlamaConfig
 from zoo.layers.attention import resolve_attention_impl
-from zoo.models.llama import Llama, abstract_model, as_dtype
+from zoo.models.llama import REMAT_POLICIES, Llama, abstract_model, as_dtype
 from zoo.models.loss import BATCH_DTYPES
 from zoo.models.presets import get_preset
 from zoo.train.checkpoint import load_tree
@@ -177,6 +177,15 @@ def prepare(config, workdir: str, *, with_data: bool = True, devices=None) -> Ru
   check_config(config)
   _check_train_fields(config)
   mesh, rules = _mesh_and_rules(config, devices)
+  # How the model computes on these devices, checked before any data is built.
+  platform = mesh.devices.flat[0].platform
+  attention = resolve_attention_impl(config.attention_impl, platform, as_dtype(config.dtype))
+  if config.remat not in REMAT_POLICIES:
+    raise ZooError(f"unknown remat policy {config.remat!r}; use one of "
+                   f"{', '.join(REMAT_POLICIES)}")
+  if config.remat.startswith("offload") and platform == "cpu":
+    raise ZooError(f"remat {config.remat} offloads activations to host memory, which needs "
+                   "TPU or GPU devices; on the CPU use full, save_qkvo, dots or none")
   data_dir = config.data.data_dir or os.path.join(workdir, "data")
   tokenizer = None
   if with_data:
@@ -201,11 +210,6 @@ def prepare(config, workdir: str, *, with_data: bool = True, devices=None) -> Ru
   if config.data.seq_len > model_config.max_position_embeddings:
     raise ZooError(f"data.seq_len {config.data.seq_len} is longer than the model allows "
                    f"({model_config.max_position_embeddings})")
-  platform = mesh.devices.flat[0].platform
-  attention = resolve_attention_impl(config.attention_impl, platform, as_dtype(config.dtype))
-  if config.remat.startswith("offload") and platform == "cpu":
-    raise ZooError(f"remat {config.remat} offloads activations to host memory, which needs "
-                   "TPU or GPU devices; on the CPU use full, save_qkvo, dots or none")
   return Run(config, workdir, model_config, tokenizer, mesh, rules, data_dir, attention)
 
 
