@@ -247,3 +247,10 @@ def test_collectives_are_counted_from_the_hlo_text():
   assert found["reduce-scatter"] == {"count": 1, "bytes": 16}
   assert found["all-reduce"] == {"count": 1, "bytes": 44}
   assert found["all-to-all"]["count"] == found["collective-permute"]["count"] == 0
+
+
+@pytest.mark.parametrize("command, flag", [("plan", "--topology"), ("train", "--workdir")])
+def test_help_lists_the_flags(capsys, command, flag):
+  assert main([command, "--help"]) == 0
+  out = capsys.readouterr().out
+  assert out.startswith(f"usage: zoo {command}") and flag in out and "--config" in out

@@ -262,9 +262,10 @@ def cmd_eval(args) -> int:
 
 
 
-def _config_flags(command: str, argv: list[str], define_more) -> flags.FlagValues:
+def _config_flags(command: str, argv: list[str], define_more) -> flags.FlagValues | None:
   """Parses `zoo COMMAND`'s --config FILE[:ARGS] (default configs/default.py) with locked
-  --config.FIELD=VALUE overrides, and the flags `define_more(flag_values)` adds."""
+  --config.FIELD=VALUE overrides, and the flags `define_more(flag_values)` adds; with --help,
+  prints the flags and returns None."""
   argv = list(argv)
   for i, arg in enumerate(argv):
     if arg.startswith("--config="):
@@ -278,6 +279,11 @@ def _config_flags(command: str, argv: list[str], define_more) -> flags.FlagValue
   config_flags.DEFINE_config_file("config", None, "training config file", flag_values=fv,
                                   lock_config=True, sys_argv=[f"zoo {command}", *argv])
   define_more(fv)
+  if "--help" in argv or "-h" in argv:
+    print(f"usage: zoo {command} [--config configs/NAME.py[:ARGS]] [--config.FIELD=VALUE ...] "
+          "[flags]\n")
+    print(fv.get_help())
+    return None
   try:
     fv([f"zoo {command}", *argv])
   except (flags.Error, ZooError) as e:
@@ -313,6 +319,8 @@ def train_main(argv: list[str]) -> int:
                          flag_values=fv)
 
   fv = _config_flags("train", argv, define)
+  if fv is None:
+    return 0
   config = fv.config
   workdir = fv.workdir or os.path.join("runs", _config_name(fv))
   distributed.initialize(fv.coordinator, fv.num_processes, fv.process_id, fv.cpu_devices)
@@ -344,6 +352,8 @@ def plan_main(argv: list[str]) -> int:
     flags.DEFINE_bool("json", False, "print one JSON object", flag_values=fv)
 
   fv = _config_flags("plan", argv, define)
+  if fv is None:
+    return 0
   result = plan(fv.config, topology=fv.topology, slices=fv.slices,
                 config_name=_config_name(fv))
   print(json.dumps(result.to_json()) if fv.json else format_plan(result))
