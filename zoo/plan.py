@@ -147,15 +147,21 @@ def _usable_hbm(devices: list) -> int | None:
   if devices[0].platform != "tpu":
     stats = getattr(devices[0], "memory_stats", lambda: None)()
     return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
-  mesh = jax.sharding.Mesh(devices[:1], ("x",))
-  huge = jax.ShapeDtypeStruct((2**38,), jax.numpy.float32, sharding=sharding.replicated(mesh))
-  try:
-    jax.jit(lambda x: x + 1).lower(huge).compile()
-  except Exception as e:  # noqa: BLE001
-    found = _oom_figures(str(e))
-    if found:
-      return found[1]
-  return None
+  kind = devices[0].device_kind
+  if kind not in _USABLE_HBM:  # one probe per kind of chip and process
+    mesh = jax.sharding.Mesh(devices[:1], ("x",))
+    huge = jax.ShapeDtypeStruct((2**38,), jax.numpy.float32,
+                                sharding=sharding.replicated(mesh))
+    _USABLE_HBM[kind] = None
+    try:
+      jax.jit(lambda x: x + 1).lower(huge).compile()
+    except Exception as e:  # noqa: BLE001
+      found = _oom_figures(str(e))
+      _USABLE_HBM[kind] = found[1] if found else None
+  return _USABLE_HBM[kind]
+
+
+_USABLE_HBM: dict[str, int | None] = {}
 
 
 def _bytes(text: str) -> int:
@@ -246,9 +252,7 @@ def _abstract_args(trainer: Trainer) -> tuple:
 
 def _sequences_per_chip(run) -> float:
   """Sequences of the global batch on each chip: the batch over the mesh axes that split it."""
-  axes = sharding.logical_to_spec(("batch",), run.rules)[0]
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-  return run.config.data.batch_size / math.prod(run.mesh.shape[a] for a in axes)
+  return run.config.data.batch_size / sharding.batch_ways(run.mesh, run.rules)
 
 
 def _compile(trainer: Trainer, args: tuple):

@@ -13,7 +13,6 @@ import math
 from collections.abc import Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -190,12 +189,21 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def batch_axes(rules: Rules) -> tuple[str, ...]:
+  """The mesh axes the rules split the batch dimension over."""
+  spec = logical_to_spec(("batch",), rules)[0]
+  return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+def batch_ways(mesh: Mesh, rules: Rules) -> int:
+  """How many ways the rules split the batch dimension on `mesh`."""
+  return math.prod(mesh.shape[a] for a in batch_axes(rules))
+
+
 def local_batch_size(global_batch: int, mesh: Mesh, rules: Rules) -> int:
   """Checks the global batch splits evenly over the batch axes of the mesh."""
-  spec = logical_to_spec(("batch",), rules)[0]
-  axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
-  ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+  ways = batch_ways(mesh, rules)
   if global_batch % ways:
     raise ZooError(f"batch size {global_batch} is not divisible by the {ways} ways the mesh "
-                   f"splits the batch ({' x '.join(axes)})")
+                   f"splits the batch ({' x '.join(batch_axes(rules))})")
   return global_batch // jax.process_count()

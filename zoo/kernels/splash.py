@@ -74,15 +74,13 @@ def _local(q, k, v, segment_ids, *, window: int | None, interpret: bool):
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
   attend = _kernel(padded, group, window, block, interpret)
   if segment_ids is None:
-    per_head = lambda qg, kg, vg, _: attend(qg, kg, vg)  # noqa: E731
-    segments = jnp.zeros((b,), jnp.int32)  # unused
+    out = jax.vmap(jax.vmap(attend))(qh, kh, vh)  # over rows, then kv heads: [B, K, G, T, H]
   else:
     def per_head(qg, kg, vg, seg):
       return attend(qg, kg, vg, segment_ids=kernel.SegmentIds(q=seg, kv=seg))
     segments = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)),
                        constant_values=PAD_SEGMENT)
-  over_heads = jax.vmap(per_head, in_axes=(0, 0, 0, None))
-  out = jax.vmap(over_heads)(qh, kh, vh, segments)  # [B, K, G, T, H]
+    out = jax.vmap(jax.vmap(per_head, in_axes=(0, 0, 0, None)))(qh, kh, vh, segments)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, padded, n, h)[:, :t]
 
 

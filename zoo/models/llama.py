@@ -48,6 +48,11 @@ REMAT_POLICIES = {
 REMAT_IMPLS = ("auto", "checkpoint", "custom_vjp")
 
 
+def check_remat(remat: str) -> None:
+  if remat not in REMAT_POLICIES:
+    raise ZooError(f"unknown remat policy {remat!r}; use one of {', '.join(REMAT_POLICIES)}")
+
+
 def as_dtype(dtype):
   """A JAX dtype from a name ('bfloat16') or a dtype; None stays None."""
   if dtype is None or not isinstance(dtype, str):
@@ -92,8 +97,7 @@ class Llama(nnx.Module):
                attention_impl=None, moe_impl="ragged", remat="none", remat_impl="auto",
                rngs: nnx.Rngs):
     dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
-    if remat not in REMAT_POLICIES:
-      raise ZooError(f"unknown remat policy {remat!r}; use one of {', '.join(REMAT_POLICIES)}")
+    check_remat(remat)
     if remat_impl not in REMAT_IMPLS:
       raise ZooError(f"unknown remat_impl {remat_impl!r}; use one of {', '.join(REMAT_IMPLS)}")
     if remat_impl == "auto":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 from collections.abc import Callable
 
@@ -33,7 +32,7 @@ from zoo.layers.quant import is_quantized, quantize_leaf
 from zoo.lora import LoraSpec, LoraTrees, split_for_training
 from zoo.models.config import LlamaConfig
 from zoo.layers.attention import resolve_attention_impl
-from zoo.models.llama import REMAT_POLICIES, Llama, abstract_model, as_dtype
+from zoo.models.llama import Llama, abstract_model, as_dtype, check_remat
 from zoo.models.loss import BATCH_DTYPES
 from zoo.models.presets import get_preset
 from zoo.train.checkpoint import load_tree
@@ -134,9 +133,7 @@ def _mesh_and_rules(config, devices=None) -> tuple[jax.sharding.Mesh, tuple]:
   sharding.logical_to_spec(sharding.LOGICAL_AXES, rules)  # checks the table
   batch = config.data.batch_size
   sharding.local_batch_size(batch, mesh, rules)
-  axes = sharding.logical_to_spec(("batch",), rules)[0]
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-  ways = math.prod(mesh.shape[a] for a in axes)
+  ways = sharding.batch_ways(mesh, rules)
   if (batch // ways) % config.train.grad_accum:
     raise ZooError(f"batch size {batch} does not split into {config.train.grad_accum} "
                    f"microbatches on each of {ways} batch shards")
@@ -180,9 +177,7 @@ def prepare(config, workdir: str, *, with_data: bool = True, devices=None) -> Ru
   # How the model computes on these devices, checked before any data is built.
   platform = mesh.devices.flat[0].platform
   attention = resolve_attention_impl(config.attention_impl, platform, as_dtype(config.dtype))
-  if config.remat not in REMAT_POLICIES:
-    raise ZooError(f"unknown remat policy {config.remat!r}; use one of "
-                   f"{', '.join(REMAT_POLICIES)}")
+  check_remat(config.remat)
   if config.remat.startswith("offload") and platform == "cpu":
     raise ZooError(f"remat {config.remat} offloads activations to host memory, which needs "
                    "TPU or GPU devices; on the CPU use full, save_qkvo, dots or none")
