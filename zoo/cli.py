@@ -40,7 +40,7 @@ from zoo.lora import adapter_to_peft
 from zoo.models.presets import PRESETS
 from zoo.plan import format_plan, plan
 from zoo.train.config import REPO_ROOT, config_path
-from zoo.train.loop import train
+from zoo.train.loop import export_checkpoint, train
 
 
 class _Parser(argparse.ArgumentParser):
@@ -232,6 +232,15 @@ def cmd_generate(args) -> int:
     sys.stdout.write(text[len(shown["text"]):] + "\n")
   else:
     print(",".join(str(t) for t in out))
+  return 0
+
+
+def cmd_export(args) -> int:
+  if os.path.exists(args.out) and not args.force:
+    raise ZooError(f"{args.out} exists; pass --force to replace it")
+  out = export_checkpoint(args.workdir, args.out, args.step)
+  for key, path in out.items():
+    print(f"{key:13s}{path}")
   return 0
 
 
@@ -435,6 +444,15 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--json", action="store_true", help="print the result as JSON")
   e.add_argument("--adapter", help="a LoRA adapter directory (zoo's or HF peft's) to apply")
   e.set_defaults(func=cmd_eval)
+
+  x = sub.add_parser("export", help="a training checkpoint's model (or adapters) as a zoo "
+                     "checkpoint, layer by layer")
+  x.add_argument("--workdir", required=True, help="the run's directory (zoo train --workdir)")
+  x.add_argument("--step", type=int, help="the checkpoint's step (default: the latest)")
+  x.add_argument("out", help="the output directory (a LoRA run's: adapter/ and adapter_peft/ "
+                 "in it)")
+  x.add_argument("--force", action="store_true", help="replace an existing output")
+  x.set_defaults(func=cmd_export)
 
   launch.add_parser(sub)
 

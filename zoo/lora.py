@@ -20,6 +20,7 @@ import dataclasses
 import math
 import os
 import re
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,9 @@ from zoo.convert.tensors import load_safetensors
 from zoo.errors import ZooError
 from zoo.io import read_json, write_directory
 from zoo.layers.linear import Embed, Linear
+from zoo.layers.quant import is_quantized
 from zoo.models.config import LlamaConfig
+from zoo.models import stack
 from zoo.models.llama import abstract_model, from_params
 
 ADAPTER_META = "zoo_adapter.json"
@@ -100,33 +103,61 @@ def _modules(model) -> list[tuple[str, nnx.Module]]:
           if isinstance(m, Linear | Embed) and path]
 
 
+def _layer_paths(path: str, module, period: int) -> list[str] | None:
+  """The per-layer paths a stacked module (scanned layers, `stack.{j}....`) stands for, one per
+  slot; None for a module of one layer."""
+  if not stack.is_stacked(path):
+    return None
+  value = (module.kernel if isinstance(module, Linear) else module.embedding).get_value()
+  # a quantized base (QLoRA) keeps the shape of one layer; its codes carry the slots
+  slots = (value.codes if is_quantized(value) else value).shape[0]
+  return stack.layer_names(path, period, slots)
+
+
+def _key(seed: int, path: str) -> jax.Array:
+  """The key of one layer's adapter, from the seed and its per-layer path: the same adapter
+  starts the same whether its layer is stacked (scanned) or not."""
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()))
+
+
+def _init_adapter(module, spec: LoraSpec, key: jax.Array):
+  dtype = jnp.float32
+  if isinstance(module, Linear):
+    din, dout = module.kernel.shape[-2:]
+    bound = 1.0 / math.sqrt(din)
+    a = jax.random.uniform(key, (din, spec.rank), dtype, -bound, bound)
+    return a, jnp.zeros((spec.rank, dout), dtype)
+  din, dout = module.embedding.shape[-2:]
+  return jnp.zeros((din, spec.rank), dtype), jax.random.normal(key, (spec.rank, dout), dtype)
+
+
 def add_lora(model, spec: LoraSpec, *, seed: int = 0) -> list[str]:
   """Gives every targeted layer of `model` a fresh adapter (in place); returns their paths.
 
   A is drawn like peft's default (uniform in +-1/sqrt(in), Kaiming's bound with a = sqrt(5)),
   B is zero; for the embedding A is zero and B normal. Experts (Mixtral) cannot be targets.
+  A stacked module (scanned layers) gets stacked adapters, each slot's drawn as its layer's
+  would be unstacked; a target that picks some of a stack's layers only is an error.
   """
-  key = jax.random.key(seed)
-  paths = []
+  paths, period = [], _model_period(model)
   for path, module in _modules(model):
-    if not spec.matches(path):
+    layers = _layer_paths(path, module, period)
+    picked = [spec.matches(p) for p in layers or [path]]
+    if not any(picked):
       continue
-    key, sub = jax.random.split(key)
-    dtype = jnp.float32
-    if isinstance(module, Linear):
-      din, dout = module.kernel.shape
-      names_in, names_out = module.names
-      bound = 1.0 / math.sqrt(din)
-      a = jax.random.uniform(sub, (din, spec.rank), dtype, -bound, bound)
-      b = jnp.zeros((spec.rank, dout), dtype)
+    if not all(picked):
+      raise ZooError(f"the LoRA targets {list(spec.targets)} pick some of the scanned layers "
+                     f"of {path} only; adapt all of them, or set scan_layers False")
+    if layers is None:
+      a, b = _init_adapter(module, spec, _key(seed, path))
     else:
-      din, dout = module.embedding.shape
-      names_in, names_out = "vocab", "embed"
-      a = jnp.zeros((din, spec.rank), dtype)
-      b = jax.random.normal(sub, (spec.rank, dout), dtype)
-    module.lora_a = nnx.data(nnx.LoRAParam(a, out_sharding=(names_in, None),
+      pairs = [_init_adapter(module, spec, _key(seed, p)) for p in layers]
+      a, b = jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
+    names_in, names_out = module.names if isinstance(module, Linear) else ("vocab", "embed")
+    lead = () if layers is None else (stack.LAYER_AXIS,)
+    module.lora_a = nnx.data(nnx.LoRAParam(a, out_sharding=(*lead, names_in, None),
                                            eager_sharding=False))
-    module.lora_b = nnx.data(nnx.LoRAParam(b, out_sharding=(None, names_out),
+    module.lora_b = nnx.data(nnx.LoRAParam(b, out_sharding=(*lead, None, names_out),
                                            eager_sharding=False))
     module.lora_scale = float(spec.scale)
     if isinstance(module, Linear):  # peft has no dropout on embedding adapters either
@@ -138,22 +169,39 @@ def add_lora(model, spec: LoraSpec, *, seed: int = 0) -> list[str]:
 
 
 def set_dropout_rng(model, key: jax.Array):
-  """Gives each adapted Linear with dropout its own key (folded in from `key` by position) for
-  one forward pass: a train step calls it on the model it merges, with a key from its state and
-  step, so dropout masks are new every step and the same after a resume."""
-  for i, (_, m) in enumerate(_modules(model)):
+  """Gives each adapted Linear with dropout its own key (`dropout_key`) for one forward pass:
+  a train step calls it on the model it merges, with a key from its state and step, so
+  dropout masks are new every step and the same after a resume. A stacked Linear (scanned
+  layers) gets its layers' keys stacked, so both layouts drop the same inputs."""
+  period = _model_period(model)
+  for path, m in _modules(model):
     if isinstance(m, Linear) and m.lora_a is not None and m.lora_dropout > 0:
-      m.lora_rng = nnx.data(jax.random.fold_in(key, i))
+      layers = _layer_paths(path, m, period)
+      k = (dropout_key(key, path) if layers is None
+           else jnp.stack([dropout_key(key, p) for p in layers]))
+      m.lora_rng = nnx.data(k)
+
+
+def dropout_key(key: jax.Array, path: str) -> jax.Array:
+  """The dropout key of the adapter at per-layer module path `path`, from a step's `key`."""
+  return jax.random.fold_in(key, zlib.crc32(path.encode()))
 
 
 def adapted_paths(model) -> list[str]:
-  return [path for path, m in _modules(model) if m.lora_a is not None]
+  """The adapted modules' paths, per layer (a stacked module's expanded)."""
+  out, period = [], _model_period(model)
+  for path, m in _modules(model):
+    if m.lora_a is not None:
+      out += _layer_paths(path, m, period) or [path]
+  return out
 
 
 def lora_state(model) -> dict[str, np.ndarray]:
-  """The adapters as {dotted path: array} (`layers.0.self_attn.q_proj.lora_a`, ...)."""
-  return {".".join(map(str, p)): np.asarray(v.get_value())
-          for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+  """The adapters as {dotted path: array} (`layers.0.self_attn.q_proj.lora_a`, ...), per layer
+  (a scanned model's stacked adapters sliced out)."""
+  return stack.unstack({".".join(map(str, p)): np.asarray(v.get_value())
+                        for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))},
+                       _model_period(model))
 
 
 def _delta(module) -> jax.Array:
@@ -200,7 +248,11 @@ def merged_params(model) -> dict[str, np.ndarray]:
     if name in deltas:
       value = (value.astype(np.float32) + deltas[name]).astype(value.dtype)
     out[name] = value
-  return out
+  return stack.unstack(out, _model_period(model))
+
+
+def _model_period(model) -> int:
+  return len(model.stack) if getattr(model, "scan_layers", False) else 1
 
 
 def merged_model(model):

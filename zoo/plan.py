@@ -423,7 +423,8 @@ def format_plan(p: Plan) -> str:
       lines.append(f"  {key:12s}{_gib(p.per_chip_bytes[key])}")
   lines.append(f"  {'HBM':12s}{_gib(p.hbm_bytes)}")
   lines.append("compute per chip and step:")
-  lines.append(f"  compiled {_flops(p.flops_per_chip)} (without Pallas kernels' own); model (as "
+  lines.append(f"  compiled {_flops(p.flops_per_chip)} (a lower bound: scanned layers' loop body "
+               f"counted once, Pallas kernels' work not at all); model (as "
                f"zoo's MFU counts) {_flops(p.model_flops_per_chip)}")
   if p.roofline_step_seconds is not None:
     lines.append(f"  roofline bound (peak compute and HBM bandwidth; not a measurement): step "

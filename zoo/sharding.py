@@ -21,7 +21,7 @@ from zoo.errors import ZooError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 LOGICAL_AXES = ("batch", "length", "vocab", "embed", "heads", "kv_heads", "mlp", "experts",
-                "norm")
+                "norm", "layers")
 
 # Data parallel over `data`, ZeRO-3 style parameter sharding over `fsdp` (which also splits the
 # batch), and Megatron-style tensor parallelism over `tensor`.
@@ -35,6 +35,7 @@ DEFAULT_RULES = (
   ("mlp", "tensor"),
   ("experts", None),
   ("norm", None),
+  ("layers", None),  # the leading axis of scanned (stacked) layers' parameters
 )
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
@@ -141,14 +142,19 @@ def quantized_sharding(q, weight_sharding: NamedSharding):
   (or when the rules shard another axis only) the weight stays whole on each device.
   """
   mesh, spec = weight_sharding.mesh, weight_sharding.spec
+  # A stacked weight (scanned layers) has one more leading axis than its QTensor's shape
+  # (the shape of one slot); it keeps the weight's sharding of that axis.
+  lead = tuple(spec[:q.codes.ndim - 2])
+  lead += (None,) * (q.codes.ndim - 2 - len(lead))
+  spec = tuple(spec[len(lead):])
   first = spec[0] if len(spec) else None
   rows, row_size = q.shape[0], math.prod(q.shape[1:])
   if first is not None:
     parts = math.prod(mesh.shape[a] for a in ((first,) if isinstance(first, str) else first))
     if rows % parts == 0 and (rows // parts * row_size) % q.block_size == 0:
-      block_spec = NamedSharding(mesh, PartitionSpec(first, None))
+      block_spec = NamedSharding(mesh, PartitionSpec(*lead, first, None))
       return type(q)(block_spec, block_spec, q.kind, q.shape, q.block_size, q.dtype)
-  whole = replicated(mesh)
+  whole = NamedSharding(mesh, PartitionSpec(*lead))
   return type(q)(whole, whole, q.kind, q.shape, q.block_size, q.dtype)
 
 

@@ -199,15 +199,16 @@ def test_lora_dropout_matches_peft_with_the_same_masks(save_hf, tmp_path):
       return h * self.mask / 0.7
 
   layers = peft_model.base_model.model.model.layers
-  for i, (path, m) in enumerate(lora._modules(model)):
+  for path, m in lora._modules(model):
     if m.lora_a is None:
       continue
     _, layer, block, name = path.split(".")
-    mask = jax.random.bernoulli(jax.random.fold_in(key, i), 0.7, (*x.shape, m.kernel.shape[0]))
+    mask = jax.random.bernoulli(lora.dropout_key(key, path), 0.7, (*x.shape, m.kernel.shape[0]))
     getattr(getattr(layers[int(layer)], block), name).lora_dropout["default"] = Mask(mask)
   with torch.no_grad():
     theirs = peft_model(torch.as_tensor(x)).logits.numpy()
-  np.testing.assert_allclose(theirs, dropped, atol=1e-4, rtol=0)
+  # float rounding only (a mask that differed would move logits by > 1e-2, as above)
+  np.testing.assert_allclose(theirs, dropped, atol=3e-4, rtol=0)
 
 
 def test_lora_dropout_in_the_train_step(save_hf):

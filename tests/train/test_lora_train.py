@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 import zoo
 from tests.helpers import flags, losses, wait_for_step, zoo_train
@@ -98,13 +99,49 @@ def test_lora_run_saves_only_adapters_and_peft_loads_them(lora_reference, corpus
                                            "up_proj", "down_proj"}
 
 
-def test_lora_sigkill_then_resume_is_bit_exact(lora_reference, corpus, base, tmp_path):  # noqa: F811
-  _, reference = lora_reference
-  proc = lora_train(tmp_path, corpus, base, wait=False)
+@pytest.fixture(scope="module")
+def scanned_lora_reference(corpus, base, tmp_path_factory):  # noqa: F811
+  workdir = tmp_path_factory.mktemp("lora_scanned")
+  code, out, err = lora_train(workdir, corpus, base, scan_layers=True)
+  assert code == 0, err
+  return workdir, losses(workdir)
+
+
+def test_a_scanned_lora_run_follows_the_unrolled_one(lora_reference, scanned_lora_reference):
+  """Stacked adapters start as the unrolled ones and drop the same inputs: the runs differ by
+  float rounding, and the adapter files (per layer) hold the same weights."""
+  (ref_dir, reference), (scan_dir, got) = lora_reference, scanned_lora_reference
+  assert sorted(got) == sorted(reference)
+  np.testing.assert_allclose([got[s] for s in sorted(got)],
+                             [reference[s] for s in sorted(got)], atol=2e-5, rtol=0)
+  for name in ("adapter/adapter.safetensors", "adapter_peft/adapter_model.safetensors"):
+    ours, theirs = (load_file(str(d / name)) for d in (scan_dir, ref_dir))
+    assert set(ours) == set(theirs)
+    for key, value in theirs.items():
+      np.testing.assert_allclose(ours[key], value, atol=1e-5, rtol=0, err_msg=key)
+
+
+def test_zoo_export_of_a_scanned_lora_checkpoint(scanned_lora_reference, tmp_path):
+  """`zoo export` of a (scanned) LoRA run's last checkpoint: the adapters it exported."""
+  scan_dir, _ = scanned_lora_reference
+  assert main(["export", "--workdir", str(scan_dir), str(tmp_path / "out")]) == 0
+  for name in ("adapter/adapter.safetensors", "adapter_peft/adapter_model.safetensors"):
+    ours, theirs = load_file(str(tmp_path / "out" / name)), load_file(str(scan_dir / name))
+    assert set(ours) == set(theirs)
+    assert all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("layout", ["unrolled", "scanned"])
+def test_lora_sigkill_then_resume_is_bit_exact(layout, corpus, base, request,  # noqa: F811
+                                               tmp_path):
+  _, reference = request.getfixturevalue(
+      "lora_reference" if layout == "unrolled" else "scanned_lora_reference")
+  extra = {"scan_layers": True} if layout == "scanned" else {}
+  proc = lora_train(tmp_path, corpus, base, wait=False, **extra)
   wait_for_step(proc, tmp_path, 5)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  code, out, err = lora_train(tmp_path, corpus, base)
+  code, out, err = lora_train(tmp_path, corpus, base, **extra)
   assert code == 0, err
   assert "resuming from the checkpoint" in out
   assert losses(tmp_path) == reference  # every step, bit for bit
@@ -112,13 +149,20 @@ def test_lora_sigkill_then_resume_is_bit_exact(lora_reference, corpus, base, tmp
 
 def test_qlora_run_trains_on_a_quantized_base(lora_reference, corpus, base, tmp_path):  # noqa: F811
   _, reference = lora_reference
-  code, out, err = lora_train(tmp_path, corpus, base, arg=",quantize=nf4")
+  code, out, err = lora_train(tmp_path / "unrolled", corpus, base, arg=",quantize=nf4")
   assert code == 0, err
-  got = losses(tmp_path)
+  got = losses(tmp_path / "unrolled")
   # NF4 rounds the base weights: the losses follow the full-precision LoRA run closely
   for step, loss in reference.items():
     assert abs(got[step] - loss) / loss < 0.05
-  assert os.path.isfile(tmp_path / "adapter" / "adapter.safetensors")
+  assert os.path.isfile(tmp_path / "unrolled" / "adapter" / "adapter.safetensors")
+  # scanned, each layer's weights are quantized on their own as unrolled: the same run
+  code, out, err = lora_train(tmp_path / "scanned", corpus, base, arg=",quantize=nf4",
+                              scan_layers=True)
+  assert code == 0, err
+  scanned = losses(tmp_path / "scanned")
+  np.testing.assert_allclose([scanned[s] for s in sorted(got)], [got[s] for s in sorted(got)],
+                             atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("arg,words", [

@@ -5,6 +5,7 @@ import dataclasses
 import glob
 import json
 import os
+import shutil
 import signal
 import time
 
@@ -29,6 +30,66 @@ def reference(corpus, tmp_path_factory):
   return workdir, losses(workdir)
 
 
+# The decoder layers unrolled (the default config) or stacked and scanned (zoo.models.stack).
+LAYOUTS = {"unrolled": {}, "scanned": {"scan_layers": True}}
+
+
+@pytest.fixture(scope="module")
+def scanned_reference(corpus, tmp_path_factory):
+  """The same run with scanned layers."""
+  workdir = tmp_path_factory.mktemp("scanned")
+  code, out, err = zoo_train(workdir, *flags(corpus, **LAYOUTS["scanned"]))
+  assert code == 0, err
+  return workdir, losses(workdir)
+
+
+@pytest.mark.slow
+def test_a_scanned_run_follows_the_unrolled_one(reference, scanned_reference):
+  """The same seed draws the same weights in both layouts, so the runs differ by float
+  rounding only; the scanned run exports its model layer by layer like the unrolled one."""
+  (ref_dir, ref), (scan_dir, got) = reference, scanned_reference
+  assert sorted(got) == sorted(ref)
+  np.testing.assert_allclose([got[s] for s in sorted(ref)], [ref[s] for s in sorted(ref)],
+                             atol=2e-5, rtol=0)
+  ours, theirs = (Checkpoint(os.path.join(d, "model")) for d in (scan_dir, ref_dir))
+  assert set(ours.source.infos) == set(theirs.source.infos)
+  for name in theirs.source.infos:
+    np.testing.assert_allclose(ours.read(name), theirs.read(name), atol=1e-5, rtol=0,
+                               err_msg=name)
+
+
+@pytest.mark.slow
+def test_zoo_export_writes_a_checkpoint_layer_by_layer(reference, scanned_reference, corpus,
+                                                       tmp_path, capsys):
+  """`zoo export` of a training checkpoint of either layout: at the last step, what the run
+  exported itself; at an earlier step, the two layouts' models agree."""
+  (ref_dir, _), (scan_dir, _) = reference, scanned_reference
+  assert main(["export", "--workdir", str(scan_dir), str(tmp_path / "last")]) == 0
+  own, last = Checkpoint(os.path.join(scan_dir, "model")), Checkpoint(str(tmp_path / "last"))
+  assert set(last.source.infos) == set(own.source.infos)
+  for name in own.source.infos:
+    np.testing.assert_array_equal(last.read(name), own.read(name))
+  assert os.path.isfile(tmp_path / "last" / "tokenizer.model")
+  for name, workdir in (("scanned", scan_dir), ("unrolled", ref_dir)):
+    assert main(["export", "--workdir", str(workdir), "--step", "6", str(tmp_path / name)]) == 0
+  ours, theirs = Checkpoint(str(tmp_path / "scanned")), Checkpoint(str(tmp_path / "unrolled"))
+  for name in theirs.source.infos:
+    np.testing.assert_allclose(ours.read(name), theirs.read(name), atol=1e-5, rtol=0)
+  assert np.abs(ours.read("norm.scale") - own.read("norm.scale")).max() > 0  # step 6, not 12
+  capsys.readouterr()
+  for argv, words in (([str(tmp_path / "x"), "--workdir", str(tmp_path)], "no training checkpoint"),
+                      ([str(tmp_path / "x"), "--workdir", str(scan_dir), "--step", "7"],
+                       "no checkpoint at step 7"),
+                      ([str(tmp_path / "last"), "--workdir", str(scan_dir)], "exists")):
+    assert main(["export", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+  # resuming a scanned run's checkpoint unrolled is refused in one line naming the field
+  shutil.copytree(os.path.join(scan_dir, "checkpoints"), tmp_path / "resume" / "checkpoints")
+  code, _, err = zoo_train(tmp_path / "resume", *flags(corpus))
+  assert code == 2 and "(scan_layers)" in err.strip().splitlines()[-1], err
+
+
 @pytest.mark.slow
 def test_uninterrupted_run_trains_and_writes_its_outputs(reference):
   workdir, ref = reference
@@ -46,14 +107,15 @@ def test_uninterrupted_run_trains_and_writes_its_outputs(reference):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("kill_at", [3, 6, 9])
-def test_sigkill_then_resume_is_bit_exact(kill_at, corpus, reference, tmp_path):
-  _, ref = reference
-  proc = zoo_train(tmp_path, *flags(corpus), wait=False)
+def test_sigkill_then_resume_is_bit_exact(kill_at, layout, corpus, request, tmp_path):
+  _, ref = request.getfixturevalue("reference" if layout == "unrolled" else "scanned_reference")
+  proc = zoo_train(tmp_path, *flags(corpus, **LAYOUTS[layout]), wait=False)
   wait_for_step(proc, tmp_path, kill_at)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  code, out, err = zoo_train(tmp_path, *flags(corpus))
+  code, out, err = zoo_train(tmp_path, *flags(corpus, **LAYOUTS[layout]))
   assert code == 0, err
   assert "resuming from the checkpoint at step" in err + out
   assert losses(tmp_path) == ref  # every step's loss, bit for bit

@@ -195,16 +195,38 @@ def _is_array(x) -> bool:
 
 
 def quantize_leaf(name: str, leaf, kind: str, block_size: int = 64,
-                  predicate: Callable[[str, Any], bool] | None = None):
+                  predicate: Callable[[str, Any], bool] | None = None, *,
+                  stacked: bool = False):
   """`leaf` (the parameter at dotted path `name`) as a `QTensor` if `predicate(name, leaf)`
-  (by default `default_predicate`) picks it; anything else, or a QTensor, as it is."""
+  (by default `default_predicate`) picks it; anything else, or a QTensor, as it is.
+
+  stacked: `leaf` holds one weight per slot of its leading axis (scanned layers,
+  zoo.models.stack); each is quantized on its own (`stack_quantized`)."""
   predicate = default_predicate if predicate is None else predicate
-  if is_quantized(leaf) or not _is_array(leaf) or not predicate(name, leaf):
+  if is_quantized(leaf) or not _is_array(leaf):
+    return leaf
+  one = jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype) if stacked else leaf
+  if not predicate(name, one):
     return leaf
   try:
-    return quantize(leaf, kind, block_size)
+    if not stacked:
+      return quantize(leaf, kind, block_size)
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      q = quantize(one, kind, block_size)
+      lead = lambda a: jax.ShapeDtypeStruct((leaf.shape[0], *a.shape), a.dtype)  # noqa: E731
+      return dataclasses.replace(q, codes=lead(q.codes), scales=lead(q.scales))
+    return stack_quantized([quantize(leaf[g], kind, block_size) for g in range(leaf.shape[0])])
   except ZooError as e:
     raise ZooError(f"{name}: {e}") from None
+
+
+def stack_quantized(parts: list[QTensor]) -> QTensor:
+  """QTensors of one shape as one whose codes and scales gain a leading axis (numpy on the
+  host): `shape` stays the shape of one part, which is what a scan over the leading axis
+  hands each step."""
+  first = parts[0]
+  return dataclasses.replace(first, codes=np.stack([np.asarray(p.codes) for p in parts]),
+                             scales=np.stack([np.asarray(p.scales) for p in parts]))
 
 
 def quantize_tree(params, kind: str, block_size: int = 64,

@@ -23,6 +23,8 @@ from zoo.layers.norm import RMSNorm
 from zoo.layers.rope import rope_cos_sin
 from zoo.models.config import LlamaConfig, RopeScaling
 from zoo.models.presets import PRESETS, get_preset
+from zoo.models import stack
+from zoo.models.stack import LAYER_AXIS, scan_period
 from zoo.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -91,11 +93,16 @@ class Llama(nnx.Module):
 
   `dtype` is the compute dtype and `param_dtype` the storage dtype of the parameters, chosen
   separately (f32 params with bf16 compute, or bf16 everywhere).
+
+  scan_layers: hold the decoder layers stacked on a leading axis (`stack.{j}`, see
+  zoo/models/stack.py) and run them with one `jax.lax.scan`, so the compiled program holds one
+  group of layers whatever the depth; the layers are drawn from `rngs` in the same order as
+  unrolled ones, so both layouts start from the same weights.
   """
 
   def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                attention_impl=None, moe_impl="ragged", remat="none", remat_impl="auto",
-               rngs: nnx.Rngs):
+               scan_layers=False, rngs: nnx.Rngs):
     dtype, param_dtype = as_dtype(dtype), as_dtype(param_dtype)
     check_remat(remat)
     if remat_impl not in REMAT_IMPLS:
@@ -109,9 +116,17 @@ class Llama(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.embed_tokens = Embed(config.vocab_size, config.hidden_size,
                               std=config.initializer_range, rngs=rngs, **kw)
-    self.layers = nnx.List([
-        DecoderLayer(config, i, attention_impl=attention_impl, moe_impl=moe_impl, rngs=rngs, **kw)
-        for i in range(config.num_layers)])
+    layers = [DecoderLayer(config, i, attention_impl=attention_impl, moe_impl=moe_impl,
+                           rngs=rngs, **kw) for i in range(config.num_layers)]
+    self.scan_layers = bool(scan_layers)
+    if self.scan_layers:
+      period = scan_period(config)
+      if period is None:
+        raise ZooError("scan_layers: the model's layers differ and do not repeat in a group "
+                       "(per-layer windows); run them unrolled (scan_layers False)")
+      self.stack = nnx.List([stack_modules(layers[j::period]) for j in range(period)])
+    else:
+      self.layers = nnx.List(layers)
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs, **kw)
     if not config.tie_word_embeddings:
       self.lm_head = Linear(config.hidden_size, config.vocab_size, ("embed", "vocab"),
@@ -139,9 +154,31 @@ class Llama(nnx.Module):
       run = recompute
     elif self.remat != "none":
       run = nnx.remat(_apply_layer, policy=REMAT_POLICIES[self.remat])
-    for layer in self.layers:
-      x = constrain(run(layer, x, cos, sin, segment_ids), ("batch", "length", "embed"))
+    def apply(layer, x):
+      return constrain(run(layer, x, cos, sin, segment_ids), ("batch", "length", "embed"))
+
+    if not self.scan_layers:
+      for layer in self.layers:
+        x = apply(layer, x)
+      return x
+    parts = [nnx.split(m) for m in self.stack]
+
+    def group(x, states):  # one step of the scan: the p layers of one slot, in order
+      for (graphdef, _), state in zip(parts, states):
+        x = apply(nnx.merge(graphdef, state), x)
+      return x, None
+
+    x, _ = jax.lax.scan(group, x, [state for _, state in parts])
     return x
+
+  def decoder_layers(self) -> list[DecoderLayer]:
+    """The decoder layers in order, as modules (a stacked model's sliced out of its stacks)."""
+    if not self.scan_layers:
+      return list(self.layers)
+    parts = [nnx.split(m) for m in self.stack]
+    slots = len(jax.tree.leaves(parts[0][1])[0])
+    return [nnx.merge(graphdef, jax.tree.map(lambda a: a[g], state))
+            for g in range(slots) for graphdef, state in parts]
 
   def head(self, x: jax.Array) -> jax.Array:
     """Logits [..., vocab] of the last layer's hidden states x [..., D] (final norm included)."""
@@ -161,7 +198,7 @@ class Llama(nnx.Module):
     cos, sin = rope_cos_sin(self.config, positions, self.dtype)
     x = constrain(self.embed_tokens(tokens), ("batch", "length", "embed"))
     new = []
-    for i, layer in enumerate(self.layers):
+    for i, layer in enumerate(self.decoder_layers()):
       x, kv = layer(x, cos, sin, cache=None if cache is None else cache[i], positions=positions)
       x = constrain(x, ("batch", "length", "embed"))
       new.append(kv)
@@ -180,6 +217,19 @@ class Llama(nnx.Module):
       raise ZooError(f"sequence length {tokens.shape[1]} exceeds the model's maximum of "
                      f"{self.config.max_position_embeddings}")
     return np.asarray(_logits_f32(self, jnp.asarray(tokens, jnp.int32)))
+
+
+def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
+  """One module like `modules[0]` whose variables hold those of every module in `modules`
+  stacked on a new leading axis, logically named "layers" (for the sharding rules)."""
+  graphdef, _ = nnx.split(modules[0])
+  flats = [nnx.to_flat_state(nnx.split(m)[1]) for m in modules]
+  stacked = []
+  for i, (path, var) in enumerate(flats[0]):
+    value = jnp.stack([flat[i][1].get_value() for flat in flats])
+    names = var.get_metadata().get("out_sharding") or (None,) * (value.ndim - 1)
+    stacked.append((path, var.replace(value, out_sharding=(LAYER_AXIS, *names))))
+  return nnx.merge(graphdef, nnx.from_flat_state(stacked))
 
 
 def _apply_layer(layer, x, cos, sin, segment_ids):
@@ -262,9 +312,12 @@ def from_params(config: LlamaConfig, params: dict[str, np.ndarray], *, dtype=jnp
                 param_dtype=None, **kwargs) -> Llama:
   """A model whose parameters are `params` (dotted path -> array), cast to `param_dtype`.
 
-  param_dtype None keeps each array's own dtype.
+  param_dtype None keeps each array's own dtype. `params` name layers one by one (the file
+  layout) or stacked; with scan_layers=True per-layer names are stacked here.
   """
   model = abstract_model(config, dtype=dtype, param_dtype=param_dtype or jnp.float32, **kwargs)
+  if model.scan_layers and not any(stack.is_stacked(n) for n in params):
+    params = stack.stack(params, scan_period(config))
   graphdef, state = nnx.split(model)
   flat = nnx.to_flat_state(state)
   missing = []

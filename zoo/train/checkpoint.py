@@ -27,7 +27,8 @@ import orbax.checkpoint as ocp
 from zoo import sharding
 from zoo.convert.checkpoint import Checkpoint
 from zoo.errors import ZooError
-from zoo.layers.quant import is_quantized
+from zoo.layers.quant import is_quantized, stack_quantized
+from zoo.models import stack
 
 # Phrases of orbax's errors for a restore target that does not fit the saved tree.
 _MISMATCH = ("tree structures do not match", "Requested shape", "shape mismatch")
@@ -76,7 +77,8 @@ class Checkpointer:
         if any(words in reason for words in _MISMATCH):
           # The files are fine; the run's config is not the one that wrote them.
           raise ZooError(f"the checkpoint at step {step} in {self.directory} was written by a "
-                         f"different model or optimizer config ({reason})") from None
+                         f"different model or optimizer config, or the other layer layout "
+                         f"(scan_layers) ({reason})") from None
         print(f"zoo: checkpoint at step {step} is damaged and was skipped ({reason})",
               file=sys.stderr)
         self._set_aside(step)
@@ -131,11 +133,18 @@ def load_tree(path: str, abstract: dict, shardings: dict,
   of `abstract` (a pure dict of ShapeDtypeStructs), read one tensor at a time, cast to each
   leaf's dtype, passed through `convert(name, array)` if given (QLoRA quantizes there), and
   placed by `shardings` (a quantized leaf by sharding.quantized_sharding). The process never
-  holds more than the placed tree and one tensor in flight."""
+  holds more than the placed tree and one tensor in flight, plus, for a stacked leaf (scanned
+  layers), this process's shards of it, filled one layer at a time."""
   ckpt = Checkpoint(path)
+  names = [".".join(str(k.key) for k in key_path)
+           for key_path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]]
+  period = stack.period_of(names)
 
   def one(key_path, leaf, leaf_sharding):
     name = ".".join(str(k.key) for k in key_path)
+    if stack.is_stacked(name):
+      return _load_stacked(ckpt, stack.layer_names(name, period, leaf.shape[0]), leaf,
+                           leaf_sharding, convert)
     value = np.asarray(ckpt.read(name)).astype(leaf.dtype)
     if convert is not None:
       value = convert(name, value)
@@ -144,3 +153,35 @@ def load_tree(path: str, abstract: dict, shardings: dict,
     return jax.device_put(value, leaf_sharding)
 
   return jax.tree_util.tree_map_with_path(one, abstract, shardings)
+
+
+def _load_stacked(ckpt: Checkpoint, layer_names: list[str], leaf, leaf_sharding, convert):
+  """A stacked parameter from its layers' tensors (`layer_names`, one per slot)."""
+  def layer(g):
+    value = np.asarray(ckpt.read(layer_names[g])).astype(leaf.dtype)
+    return value if convert is None else convert(layer_names[g], value)
+
+  first = layer(0)
+  if is_quantized(first):  # QLoRA: each layer quantized on its own, the codes stacked
+    value = stack_quantized([first] + [layer(g) for g in range(1, len(layer_names))])
+    return jax.device_put(value, sharding.quantized_sharding(value, leaf_sharding))
+  # Each distinct shard this process holds, filled slot by slot as the layers are read.
+  indices = leaf_sharding.addressable_devices_indices_map(leaf.shape)
+  buffers = {}
+  for index in indices.values():
+    key = _index_key(index, leaf.shape)
+    if key not in buffers:
+      buffers[key] = np.empty([stop - start for start, stop in key], leaf.dtype)
+  for g in range(len(layer_names)):
+    value, first = (first, None) if g == 0 else (layer(g), None)
+    for key, buffer in buffers.items():
+      (start, stop), rest = key[0], key[1:]
+      if start <= g < stop:
+        buffer[g - start] = value[tuple(slice(a, b) for a, b in rest)]
+  arrays = [jax.device_put(buffers[_index_key(index, leaf.shape)], device)
+            for device, index in indices.items()]
+  return jax.make_array_from_single_device_arrays(leaf.shape, leaf_sharding, arrays)
+
+
+def _index_key(index: tuple, shape: tuple) -> tuple:
+  return tuple(s.indices(n)[:2] for s, n in zip(index, shape))

@@ -37,6 +37,9 @@ def base_config() -> ml_collections.ConfigDict:
   # auto | xla | splash | cudnn; auto: splash (the Pallas fused kernel) on TPU, cuDNN's fused
   # attention on GPU in 16-bit compute, XLA's elsewhere (zoo.layers.attention)
   c.attention_impl = "auto"
+  # Decoder layers stacked and run by one scan (zoo.models.stack): one layer group compiled
+  # whatever the depth. Layers that differ without a repeating group run unrolled, with a note.
+  c.scan_layers = False
 
   c.data = ml_collections.ConfigDict(dict(
       source="python_stdlib",  # python_stdlib | files | tfds
@@ -114,6 +117,7 @@ def pretraining_config(preset: str, *, seq_len: int, batch_size: int, lr: float,
   # tokens of an 8B model on a v5p chip (zoo plan; README).
   c.remat = "full"
   c.train.loss_chunk = 1024
+  c.scan_layers = True
   c.data.update(dict(seq_len=seq_len, batch_size=batch_size, vocab_size=32000))
   c.optimizer.update(dict(lr=lr, b2=0.95, weight_decay=0.1, warmup_steps=2000,
                           min_lr_ratio=0.1, grad_clip=1.0))
@@ -204,7 +208,7 @@ def check_config(config: ml_collections.ConfigDict):
     for name in values:
       if name.startswith("model.") and set_(name):
         raise ZooError(f"{name} is set, but init_from takes the model from the checkpoint "
-                       f"(only dtype, param_dtype, remat, moe_impl and attention_impl apply)")
+                       f"(only dtype, param_dtype, remat, moe_impl, attention_impl and scan_layers apply)")
   if not config.lora.rank:
     for name in values:
       if name.startswith("lora.") and name != "lora.rank" and set_(name):

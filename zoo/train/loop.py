@@ -9,6 +9,7 @@ and a sample of the model's text.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -17,7 +18,9 @@ import sys
 import time
 
 import jax
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
@@ -27,6 +30,7 @@ from zoo.convert.checkpoint import save_params
 from zoo.errors import ZooError
 from zoo.infer.generate import Generator, Sampling
 from zoo.lora import save_adapter, save_peft
+from zoo.models import stack
 from zoo.train.checkpoint import Checkpointer
 from zoo.train.heartbeat import Heartbeat
 from zoo.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops, mfu, plot_losses
@@ -277,10 +281,40 @@ def finish(trainer: Trainer, state: State, workdir: str) -> dict:
   return out
 
 
+def export_checkpoint(workdir: str, out: str, step: int | None = None) -> dict:
+  """`zoo export`: the model (or a LoRA run's adapters) of a training checkpoint in WORKDIR
+  (the latest, or `step`) written to `out` layer by layer as at the end of a run, whichever
+  layout (unrolled or scanned) trained it. The run's config comes from the checkpoint."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  steps = (ocp.CheckpointManager(directory, item_names=("state", "data", "meta")).all_steps()
+           if os.path.isdir(directory) else [])
+  if not steps:
+    raise ZooError(f"no training checkpoint in {directory}")
+  step = max(steps) if step is None else step
+  if step not in steps:
+    raise ZooError(f"no checkpoint at step {step} in {directory} (there are: "
+                   f"{', '.join(map(str, sorted(steps)))})")
+  manager = ocp.CheckpointManager(directory, item_names=("state", "data", "meta"))
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  config = ml_collections.ConfigDict(json.loads(meta["zoo_config"]))
+  trainer = build(prepare(config, workdir), load_base=False)
+  state = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(trainer.abstract_state))).state
+  manager.close()
+  params = host_tree(state["params"])
+  if jax.process_index() != 0:
+    return {}
+  if trainer.lora is None:
+    return {"model": export_model(trainer, params, out)}
+  os.makedirs(out, exist_ok=True)  # each of the two adapter directories is staged in it
+  return export_adapter(trainer, params, out)
+
+
 def export_model(trainer: Trainer, params: dict, path: str) -> str:
   """The trained model as a zoo checkpoint (with its tokenizer), for zoo.load and zoo convert."""
   flat = {".".join(str(k.key) for k in key_path): np.asarray(leaf)
           for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  flat = stack.unstack(flat)  # scanned layers are saved one by one, as every format has them
   save_params(trainer.run.model_config, flat, path, force=True)
   source = getattr(trainer.run.tokenizer, "path", None)
   if source and os.path.isfile(source):

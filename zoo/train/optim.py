@@ -120,6 +120,7 @@ def decay_mask(params, decay_norms_and_biases: bool = False):
 
   Norm scales (".scale"), biases (".bias") and every other parameter with fewer than two
   dimensions are excluded unless `decay_norms_and_biases`; matrices and embeddings are decayed.
+  A stacked parameter (scanned layers, `stack.{j}....`) counts the dimensions of one layer's.
   """
   def decays(path, leaf) -> bool:
     if decay_norms_and_biases:
@@ -127,7 +128,7 @@ def decay_mask(params, decay_norms_and_biases: bool = False):
     name = param_name(path)
     if name.endswith(".scale") or name.endswith(".bias") or name in ("scale", "bias"):
       return False
-    return len(getattr(leaf, "shape", ())) >= 2
+    return len(getattr(leaf, "shape", ())) - name.startswith("stack.") >= 2
 
   return jax.tree_util.tree_map_with_path(decays, params)
 

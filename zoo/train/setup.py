@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 from collections.abc import Callable
 
 import jax
@@ -35,6 +36,7 @@ from zoo.layers.attention import resolve_attention_impl
 from zoo.models.llama import Llama, abstract_model, as_dtype, check_remat
 from zoo.models.loss import BATCH_DTYPES
 from zoo.models.presets import get_preset
+from zoo.models.stack import is_stacked, scan_period
 from zoo.train.checkpoint import load_tree
 from zoo.train.config import check_config
 from zoo.train.optim import make_optimizer
@@ -52,6 +54,7 @@ class Run:
   rules: tuple
   data_dir: str
   attention_impl: str  # resolved for the devices' platform
+  scan_layers: bool  # resolved for the model's layers (zoo.models.stack.scan_period)
 
   @property
   def platform(self) -> str:
@@ -94,7 +97,8 @@ def model_kwargs(run: Run) -> dict:
   config = run.config
   return dict(dtype=config.dtype, param_dtype=config.param_dtype, remat=config.remat,
               remat_impl="custom_vjp" if run.platform == "cpu" else "checkpoint",
-              moe_impl=config.moe_impl, attention_impl=run.attention_impl)
+              moe_impl=config.moe_impl, attention_impl=run.attention_impl,
+              scan_layers=run.scan_layers)
 
 
 def process_zero_first(fn):
@@ -205,7 +209,13 @@ def prepare(config, workdir: str, *, with_data: bool = True, devices=None) -> Ru
   if config.data.seq_len > model_config.max_position_embeddings:
     raise ZooError(f"data.seq_len {config.data.seq_len} is longer than the model allows "
                    f"({model_config.max_position_embeddings})")
-  return Run(config, workdir, model_config, tokenizer, mesh, rules, data_dir, attention)
+  scan = bool(config.scan_layers)
+  if scan and scan_period(model_config) is None:
+    scan = False
+    if jax.process_index() == 0:
+      print("zoo: note: scan_layers is on, but the model's layers differ (per-layer attention "
+            "windows) without a repeating group; they run unrolled", file=sys.stderr)
+  return Run(config, workdir, model_config, tokenizer, mesh, rules, data_dir, attention, scan)
 
 
 @dataclasses.dataclass
@@ -299,7 +309,8 @@ def _lora_trees(run: Run, load_base: bool) -> LoraTrees:
   quantize = None
   if config.lora.quantize != "none":
     def quantize(name, array):
-      return quantize_leaf(name, array, config.lora.quantize, config.lora.block_size)
+      return quantize_leaf(name, array, config.lora.quantize, config.lora.block_size,
+                           stacked=is_stacked(name))
   if load_base:
     base = load_tree(config.init_from, trees.base, trees.base_shardings, quantize)
   else:
