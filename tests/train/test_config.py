@@ -119,3 +119,21 @@ def test_one_table_of_optimizer_defaults():
   assert base_config().optimizer.to_dict() == default_config().to_dict()
   with pytest.raises(ZooError, match="optimizer.learning_rate"):
     make_optimizer({"learning_rate": 1e-3}, 10)
+
+
+@pytest.mark.parametrize("types,scanned", [
+    (("full_attention", "sliding_attention") * 2, True),  # a repeating pair: scanned
+    (("full_attention",) + ("sliding_attention",) * 3, False),  # no repeat: unrolled, a note
+])
+def test_scan_layers_reaches_the_model_or_falls_back_with_a_note(types, scanned, tmp_path,
+                                                                 capsys):
+  config = load_config("configs/default.py", {
+      "scan_layers": True, "model.num_layers": 4, "model.sliding_window": 8,
+      "model.layer_types": types, "model.vocab_size": 128})
+  run = prepare(config, str(tmp_path), with_data=False)
+  assert run.scan_layers == scanned
+  trainer = build(run)
+  model = nnx.merge(trainer.graphdef, trainer.abstract_state["params"])
+  assert hasattr(model, "stack") == scanned
+  err = capsys.readouterr().err
+  assert ("run unrolled" in err) == (not scanned)
