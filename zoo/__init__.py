@@ -31,6 +31,10 @@ _quiet_tpu_runtime()  # before anything starts JAX's backends
 
 import numpy as np  # noqa: E402
 
+from zoo import paths  # noqa: E402
+
+paths.use_emulator()  # before a Cloud Storage client starts
+
 from zoo.convert.checkpoint import load_model, save_params  # noqa: E402
 from zoo.errors import ZooError  # noqa: E402
 from zoo.lora import adapted_paths, load_adapter  # noqa: E402

@@ -27,7 +27,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import zoo
-from zoo import distributed, launch
+from zoo import distributed, launch, paths
 from zoo.convert.checkpoint import convert, detect_format
 from zoo.convert.random_init import init_checkpoint
 from zoo.convert.verify import compare, compare_gguf
@@ -72,9 +72,10 @@ def cmd_convert(args) -> int:
   for note in ckpt.notes:
     print(f"note: {note}")
   if args.verify and args.to == "gguf":
-    return verify_gguf(args.src, args.dst, args.tolerance)
+    return verify_gguf(paths.localize(args.src), paths.localize(args.dst), args.tolerance)
   if args.verify:  # zoo loads the other side, whichever format it is
     hf_side, other = (args.src, args.dst) if ckpt.format == "hf" else (args.dst, args.src)
+    hf_side, other = paths.localize(hf_side), paths.localize(other)
     return verify(hf_side, other, 1e-4 if args.tolerance is None else args.tolerance,
                   args.dtype)
   return 0

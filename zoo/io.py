@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 
+from zoo import paths
 from zoo.errors import ZooError
 
 
@@ -24,7 +25,12 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def staged_file(dst: str, force: bool):
-  """A temporary file name beside `dst`, renamed to `dst` only if the block succeeds."""
+  """A temporary file name beside `dst`, renamed to `dst` only if the block succeeds (for a
+  gs:// `dst`, a local temporary file uploaded as one object)."""
+  if paths.is_remote(dst):
+    with _staged_remote(dst, force, directory=False) as tmp:
+      yield tmp
+    return
   dst = os.path.abspath(dst)
   if os.path.lexists(dst) and not force:
     raise ZooError(f"{dst} already exists (pass --force to replace it)")
@@ -45,8 +51,34 @@ def staged_file(dst: str, force: bool):
 
 
 @contextlib.contextmanager
+def _staged_remote(dst: str, force: bool, directory: bool):
+  dst = paths.resolve(dst)
+  if paths.exists(dst) and not force:
+    raise ZooError(f"{dst} already exists (pass --force to replace it)")
+  paths.check_reachable(dst)
+  local = tempfile.mkdtemp(prefix="zoo-upload-")
+  try:
+    tmp = local if directory else os.path.join(local, dst.rsplit("/", 1)[-1])
+    yield tmp
+    paths.remove_tree(dst)  # object storage has no rename: the old output goes first
+    if directory:
+      paths.upload_tree(local, dst)
+    else:
+      with open(tmp, "rb") as src, paths.path(dst).open("wb") as out:
+        shutil.copyfileobj(src, out, 16 << 20)
+  finally:
+    shutil.rmtree(local, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def staged_output(dst: str, force: bool):
-  """A temporary directory beside `dst`, renamed to `dst` only if the block succeeds."""
+  """A temporary directory beside `dst`, renamed to `dst` only if the block succeeds (for a
+  gs:// `dst`, a local temporary directory uploaded with its description file last, see
+  `zoo.paths.upload_tree`)."""
+  if paths.is_remote(dst):
+    with _staged_remote(dst, force, directory=True) as tmp:
+      yield tmp
+    return
   dst = os.path.abspath(dst)
   if os.path.lexists(dst) and not force:
     raise ZooError(f"{dst} already exists (pass --force to replace it)")

@@ -38,6 +38,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+from zoo import paths
 from zoo.errors import ZooError
 from zoo.train import heartbeat
 
@@ -223,8 +224,10 @@ class LocalJob:
     self.n, self.config, self.train_args = processes, config, list(train_args)
     self.workdir, self.cpu_devices, self.shell = workdir, cpu_devices, shell
     self.procs: list[subprocess.Popen] = []
-    self.heartbeat_dir = os.path.join(workdir, "heartbeat")
-    self.log_dir = self.logs = os.path.join(workdir, "logs")
+    # The watchdog's files stay on this machine (beside a gs:// workdir, in a local cache).
+    local = paths.local_side(workdir)
+    self.heartbeat_dir = os.path.join(local, "heartbeat")
+    self.log_dir = self.logs = os.path.join(local, "logs")
     self.done_message = f"all {processes} processes finished"
 
   def commands(self, port: int) -> list[tuple[list[str], dict]]:
@@ -432,7 +435,7 @@ def main(args) -> int:
       raise ZooError(f"the local backend has only `run` (not {args.action})")
     check_config(args.config)
     workdir, train_args = split_workdir(args.train_args)  # the job passes it on, absolute
-    job = LocalJob(args.processes, args.config, train_args, os.path.abspath(workdir),
+    job = LocalJob(args.processes, args.config, train_args, paths.resolve(workdir),
                    args.cpu_devices, shell)
     return watch(job, restart=args.restart, heartbeat_timeout=args.heartbeat_timeout,
                  grace=args.grace, poll=args.poll, startup_timeout=args.startup_timeout)

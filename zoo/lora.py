@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save
 
-from zoo import sharding
+from zoo import paths, sharding
 from zoo.convert.peft import PEFT_CONFIG, read_peft_config, read_peft_weights, write_peft
 from zoo.convert.tensors import load_safetensors
 from zoo.errors import ZooError
@@ -274,6 +274,7 @@ def save_adapter(model, directory: str, spec: LoraSpec, *, base_model: str | Non
 
 
 def is_adapter(directory: str) -> bool:
+  directory = paths.localize(directory)
   return any(os.path.isfile(os.path.join(directory, n)) for n in (ADAPTER_META, PEFT_CONFIG))
 
 
@@ -300,7 +301,7 @@ def _read_zoo_adapter(directory: str) -> tuple[LoraSpec, dict[str, np.ndarray], 
 def read_adapter(directory: str, model) -> tuple[LoraSpec, dict[str, np.ndarray]]:
   """The spec and the adapter arrays ({zoo dotted path: array [in, r] / [r, out]}) of a zoo or
   peft adapter directory, checked against `model` (a base model without adapters)."""
-  directory = os.path.expanduser(directory)
+  directory = os.path.expanduser(paths.localize(directory))
   if not os.path.isdir(directory):
     raise ZooError(f"adapter directory not found: {directory}")
   if os.path.isfile(os.path.join(directory, ADAPTER_META)):
@@ -377,6 +378,7 @@ def save_peft(model, directory: str, spec: LoraSpec, *, base_model: str | None =
 
 def adapter_to_peft(src: str, dst: str, *, force: bool = False):
   """`zoo convert ADAPTER DST --to peft`: a zoo adapter directory in peft's format."""
+  src = paths.localize(src)
   if not os.path.isfile(os.path.join(os.path.expanduser(src), ADAPTER_META)):
     raise ZooError(f"{src} is not a zoo LoRA adapter (no {ADAPTER_META})")
   spec, weights, meta = _read_zoo_adapter(os.path.expanduser(src))

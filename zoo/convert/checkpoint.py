@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from zoo import paths
 from zoo.convert import gguf, hf, meta
 from zoo.convert.tensors import (WEIGHT_SUFFIXES, ShardedWriter, TensorSource, numpy_dtype,
                                  weight_files)
@@ -37,6 +38,7 @@ OUTPUT_FORMATS = (*FORMATS, "gguf")  # GGUF is written, not read
 
 
 def detect_format(path: str) -> str:
+  path = paths.localize(path)  # a gs:// checkpoint is read from a local copy
   if not os.path.exists(path):
     raise ZooError(f"{path} does not exist")
   if not os.path.isdir(path):
@@ -69,6 +71,7 @@ def checkpoint_config(path: str) -> LlamaConfig:
   """The model config of the checkpoint at `path`, read from its description alone (HF's
   config.json, zoo's description or Meta's params.json): its tensors need not be there, so a
   run can be planned from an HF config.json before the weights are downloaded."""
+  path = paths.localize(path)
   fmt = detect_format(path)
   if fmt == "hf":
     return hf.config_from_hf(read_json(os.path.join(path, "config.json")))
@@ -84,6 +87,7 @@ class Checkpoint:
   """An opened, validated checkpoint: its config and its tensors, read on demand."""
 
   def __init__(self, path: str):
+    path = paths.localize(path)  # a gs:// checkpoint is read from a local copy
     self.path = path
     self.format = detect_format(path)
     if self.format == "hf":
@@ -269,8 +273,10 @@ def convert(src: str, dst: str, to: str, dtype: str | None = None, force: bool =
 
 def save_params(config: LlamaConfig, params: dict[str, np.ndarray], dst: str, *,
                 force: bool = False, dtype: str | None = None,
-                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
-  """Writes an in-memory parameter tree (zoo names) as a zoo checkpoint."""
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                side_files: dict[str, str] | None = None):
+  """Writes an in-memory parameter tree (zoo names) as a zoo checkpoint, with `side_files`
+  ({name in the checkpoint: a local file}, a tokenizer) beside the weights."""
   shapes = hf.zoo_shapes(config)
   if set(shapes) != set(params):
     raise ZooError(f"parameters do not match the config: {sorted(set(shapes) ^ set(params))[:3]}")
@@ -281,6 +287,8 @@ def save_params(config: LlamaConfig, params: dict[str, np.ndarray], dst: str, *,
     for name in shapes:
       writer.write(name, np.asarray(params[name]))
     writer.close()
+    for name, source in (side_files or {}).items():
+      shutil.copy2(source, os.path.join(tmp, name))
     write_zoo_meta(tmp, config)
 
 

@@ -22,6 +22,7 @@ import re
 import numpy as np
 
 from zoo.data.chat import load_chat_template, render_chat
+from zoo import paths
 from zoo.errors import ZooError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -153,6 +154,6 @@ def template_dir_for(data_cfg, init_from: str) -> str | None:
   for candidate in (getattr(data_cfg, "chat_template", ""), getattr(data_cfg, "tokenizer", ""),
                     init_from):
     if candidate:
-      path = os.path.expanduser(candidate)
+      path = os.path.expanduser(paths.localize(candidate))
       return path if os.path.isdir(path) else os.path.dirname(path)
   return None

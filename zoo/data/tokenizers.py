@@ -20,6 +20,7 @@ import sentencepiece as spm
 import tiktoken
 import tokenizers
 
+from zoo import paths
 from zoo.errors import ZooError
 from zoo.io import staged_file
 
@@ -244,7 +245,7 @@ def load_tokenizer(path: str) -> Tokenizer:
   A `.json` file is an HF tokenizer; any other file is SentencePiece if sentencepiece accepts
   it, else a tiktoken BPE rank file.
   """
-  path = os.path.expanduser(str(path))
+  path = os.path.expanduser(paths.localize(str(path)))  # a gs:// one is downloaded first
   if os.path.isdir(path):
     for name in ("tokenizer.json", "tokenizer.model"):
       if os.path.isfile(os.path.join(path, name)):

@@ -10,10 +10,7 @@ the previous one is used.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from zoo import sharding
+from zoo import paths, sharding
 from zoo.convert.checkpoint import Checkpoint
 from zoo.errors import ZooError
 from zoo.layers.quant import is_quantized, stack_quantized
@@ -38,10 +35,10 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
     self.every = every
-    self.directory = os.path.abspath(directory)
+    self.directory = paths.resolve(directory)  # local, or gs:// (orbax writes there directly)
     options = ocp.CheckpointManagerOptions(save_interval_steps=max(every, 1), max_to_keep=keep,
                                            enable_async_checkpointing=async_save, create=True)
-    self.manager = ocp.CheckpointManager(directory, options=options,
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "meta"))
 
   def due(self, step: int) -> bool:
@@ -87,33 +84,31 @@ class Checkpointer:
     return None
 
   def _restore_data(self, step: int, data_iter, shared: bool):
-    directory = os.path.join(self.directory, str(step), "data")
+    directory = paths.path(paths.join(self.directory, str(step), "data"))
     index, count = jax.process_index(), jax.process_count()
-    own = os.path.join(directory, f"process_{index}-of-{count}.json")
-    saved = sorted(glob.glob(os.path.join(directory, "process_*-of-*.json")))
+    own = directory / f"process_{index}-of-{count}.json"
+    saved = sorted(directory.glob("process_*-of-*.json")) if directory.exists() else []
     if not saved:
       raise ValueError(f"no data iterator state in {directory}")
-    path = own if os.path.exists(own) else None
+    path = own if own.exists() else None
     if path is None and shared:
       path = saved[0]
     if path is None:  # the model and optimizer restore; the data starts over
-      written_by = os.path.basename(saved[0]).rsplit("-of-", 1)[1].split(".")[0]
+      written_by = saved[0].name.rsplit("-of-", 1)[1].split(".")[0]
       if index == 0:
         print(f"zoo: warning: the checkpoint at step {step} was written by {written_by} "
               f"processes; with data.shard=documents its data position does not carry over to "
               f"{count}, so the data starts from its beginning (data.shard=rows carries it "
               "over)", file=sys.stderr)
       return
-    with open(path) as f:
-      data_iter.set_state(json.loads(f.read()))
+    data_iter.set_state(json.loads(path.read_text()))
 
   def _set_aside(self, step: int):
     """Moves a damaged checkpoint out of the way (kept for inspection), so its step can be
     saved again."""
     if jax.process_index() == 0:
-      aside = os.path.join(self.directory + ".damaged", f"{step}-{int(time.time())}")
-      os.makedirs(os.path.dirname(aside), exist_ok=True)
-      shutil.move(os.path.join(self.directory, str(step)), aside)
+      aside = paths.join(self.directory + ".damaged", f"{step}-{int(time.time())}")
+      paths.move_tree(paths.join(self.directory, str(step)), aside)
     self.manager.reload()
 
   def latest_step(self) -> int | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -25,7 +24,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from zoo import sharding
+from zoo import paths, sharding
 from zoo.convert.checkpoint import save_params
 from zoo.errors import ZooError
 from zoo.infer.generate import Generator, Sampling
@@ -33,21 +32,22 @@ from zoo.lora import save_adapter, save_peft
 from zoo.models import stack
 from zoo.train.checkpoint import Checkpointer
 from zoo.train.heartbeat import Heartbeat
-from zoo.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops, mfu, plot_losses
+from zoo.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops, mfu
 from zoo.train.setup import Trainer, build, prepare
 from zoo.train.step import State
 
 
 def train(config, workdir: str) -> dict:
   """Runs (or resumes) the training described by `config` in `workdir`; returns a summary."""
-  workdir = os.path.abspath(workdir)  # orbax wants absolute paths
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.resolve(workdir)  # absolute (orbax wants that), or gs://
+  paths.check_reachable(workdir)
+  paths.makedirs(workdir)
   use_compilation_cache(config.train.compilation_cache_dir
-                        or os.path.join(workdir, "compilation_cache"))
+                        or paths.join(workdir, "compilation_cache"))
   trainer = build(prepare(config, workdir))
   tcfg = config.train
   data = trainer.run.data("train")
-  checkpoints = Checkpointer(os.path.join(workdir, "checkpoints"), every=tcfg.checkpoint_every,
+  checkpoints = Checkpointer(paths.join(workdir, "checkpoints"), every=tcfg.checkpoint_every,
                              keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoints)
   metrics = MetricsWriter(workdir, enabled=jax.process_index() == 0)
   start, state = resume_or_start(trainer, checkpoints, data, metrics)
@@ -85,6 +85,7 @@ def train(config, workdir: str) -> dict:
         summary.setdefault("first_eval_bpb", extra["eval_bpb"])
       if checkpoints.save(step, state, data, meta, force=stop.signal is not None):
         last_saved = step
+        metrics.sync()
       if stop.signal is not None:
         checkpoints.wait()
         progress.close()
@@ -94,8 +95,8 @@ def train(config, workdir: str) -> dict:
     if tcfg.steps > start and last_saved != tcfg.steps:
       checkpoints.save(tcfg.steps, state, data, meta, force=True)
   checkpoints.close()
+  summary.update(finish(trainer, state, workdir, metrics), step=max(start, tcfg.steps))
   metrics.close()
-  summary.update(finish(trainer, state, workdir), step=max(start, tcfg.steps))
   heartbeat.beat(summary["step"], done=True)
   return summary
 
@@ -256,7 +257,7 @@ def host_tree(tree):
   return jax.device_get(tree)
 
 
-def finish(trainer: Trainer, state: State, workdir: str) -> dict:
+def finish(trainer: Trainer, state: State, workdir: str, metrics: MetricsWriter) -> dict:
   """The end of a run: the model (or adapters) exported, the loss plot and a sample, written by
   process 0 (every process takes part in the gathers and in sampling); the paths go into the
   summary."""
@@ -268,16 +269,16 @@ def finish(trainer: Trainer, state: State, workdir: str) -> dict:
     return {}
   out = {}
   if trainer.lora is None:
-    out["model"] = export_model(trainer, params, os.path.join(workdir, "model"))
+    out["model"] = export_model(trainer, params, paths.join(workdir, "model"))
   else:
     out.update(export_adapter(trainer, params, workdir))
-  out["plot"] = os.path.join(workdir, "loss.png")
-  out["metrics"] = os.path.join(workdir, "metrics.jsonl")
-  plot_losses(out["metrics"], out["plot"])
+  out["plot"] = paths.join(workdir, "loss.png")
+  out["metrics"] = paths.join(workdir, "metrics.jsonl")
+  metrics.plot("loss.png")
   if text is not None:
     out["sample"] = text
-  out.update(checkpoints=os.path.join(workdir, "checkpoints"),
-             tensorboard=os.path.join(workdir, "tensorboard"))
+  out.update(checkpoints=paths.join(workdir, "checkpoints"),
+             tensorboard=paths.join(workdir, "tensorboard"))
   return out
 
 
@@ -285,9 +286,11 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None) -> dict:
   """`zoo export`: the model (or a LoRA run's adapters) of a training checkpoint in WORKDIR
   (the latest, or `step`) written to `out` layer by layer as at the end of a run, whichever
   layout (unrolled or scanned) trained it. The run's config comes from the checkpoint."""
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  workdir = paths.resolve(workdir)
+  paths.check_reachable(workdir)
+  directory = paths.join(workdir, "checkpoints")
   steps = (ocp.CheckpointManager(directory, item_names=("state", "data", "meta")).all_steps()
-           if os.path.isdir(directory) else [])
+           if paths.exists(directory) else [])
   if not steps:
     raise ZooError(f"no training checkpoint in {directory}")
   step = max(steps) if step is None else step
@@ -306,7 +309,7 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None) -> dict:
     return {}
   if trainer.lora is None:
     return {"model": export_model(trainer, params, out)}
-  os.makedirs(out, exist_ok=True)  # each of the two adapter directories is staged in it
+  paths.makedirs(out)  # each of the two adapter directories is staged in it
   return export_adapter(trainer, params, out)
 
 
@@ -315,15 +318,16 @@ def export_model(trainer: Trainer, params: dict, path: str) -> str:
   flat = {".".join(str(k.key) for k in key_path): np.asarray(leaf)
           for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   flat = stack.unstack(flat)  # scanned layers are saved one by one, as every format has them
-  save_params(trainer.run.model_config, flat, path, force=True)
+  side = {}
   source = getattr(trainer.run.tokenizer, "path", None)
   if source and os.path.isfile(source):
     # Under the names load_tokenizer (and transformers) look for in a checkpoint directory.
     hf_json = source.endswith(".json")
-    shutil.copy2(source, os.path.join(path, "tokenizer.json" if hf_json else "tokenizer.model"))
+    side["tokenizer.json" if hf_json else "tokenizer.model"] = source
     extra = os.path.join(os.path.dirname(source), "tokenizer_config.json")
     if hf_json and os.path.isfile(extra):
-      shutil.copy2(extra, os.path.join(path, "tokenizer_config.json"))
+      side["tokenizer_config.json"] = extra
+  save_params(trainer.run.model_config, flat, path, force=True, side_files=side)
   return path
 
 
@@ -332,9 +336,9 @@ def export_adapter(trainer: Trainer, adapters: dict, workdir: str) -> dict:
   # The files hold only the adapters: the base can stay where it is, as shapes.
   base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainer.lora.base)
   model = nnx.merge(trainer.graphdef, adapters, base)
-  spec, base_model = trainer.lora_spec, os.path.abspath(trainer.run.config.init_from)
-  out = {"adapter": os.path.join(workdir, "adapter"),
-         "peft_adapter": os.path.join(workdir, "adapter_peft")}
+  spec, base_model = trainer.lora_spec, paths.resolve(trainer.run.config.init_from)
+  out = {"adapter": paths.join(workdir, "adapter"),
+         "peft_adapter": paths.join(workdir, "adapter_peft")}
   save_adapter(model, out["adapter"], spec, base_model=base_model, force=True)
   save_peft(model, out["peft_adapter"], spec, base_model=base_model, force=True)
   return out

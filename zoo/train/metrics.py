@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tensorboardX import SummaryWriter
 
+from zoo import paths
 from zoo.errors import ZooError
 from zoo.models.config import LlamaConfig
 
@@ -47,12 +48,18 @@ class MetricsWriter:
 
   With enabled=False (processes other than the primary one) every method does nothing and no
   file is created. Files are opened on the first write, so that `truncate_after` can run first.
+  A gs:// workdir's files are written in a local `zoo.paths.Mirror` and uploaded by `sync`
+  (the loop calls it at each checkpoint) and `close`.
   """
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, METRICS_FILE)
-    self.tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIR)
+    self.mirror = paths.Mirror(workdir) if enabled else None
+    local = self.mirror.local if enabled else workdir
+    if enabled:
+      self.mirror.pull(METRICS_FILE)
+    self.path = os.path.join(local, METRICS_FILE)
+    self.tensorboard_dir = os.path.join(local, TENSORBOARD_DIR)
     self._file = None
     self._tb = None
     self._purge_step = None
@@ -96,6 +103,21 @@ class MetricsWriter:
       f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(tmp, self.path)
 
+  def plot(self, name: str) -> None:
+    """The loss plot (`plot_losses`) of the log so far, as `name` in the workdir."""
+    if self.enabled:
+      plot_losses(self.path, os.path.join(self.mirror.local, name))
+
+  def sync(self) -> None:
+    """Uploads what changed to a gs:// workdir (a local one has it already)."""
+    if not self.enabled:
+      return
+    if self._file is not None:
+      self._file.flush()
+    if self._tb is not None:
+      self._tb.flush()
+    self.mirror.sync()
+
   def close(self) -> None:
     if not self.enabled:
       return
@@ -103,6 +125,7 @@ class MetricsWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    self.mirror.close()
 
   def __enter__(self):
     return self

@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from zoo import sharding
+from zoo import paths, sharding
 from zoo.convert.checkpoint import Checkpoint, checkpoint_config
 from zoo.data.instruct import template_dir_for
 from zoo.data.pipeline import data_pipeline, tokenizer_for
@@ -41,6 +41,11 @@ from zoo.train.checkpoint import load_tree
 from zoo.train.config import check_config
 from zoo.train.optim import make_optimizer
 from zoo.train.step import State, init_state, make_eval_step, make_train_step, state_shardings
+
+
+# Where datasets and tokenizers are built when the workdir is on Cloud Storage: each host's
+# own disk (every process reads the files it builds; process 0 builds first).
+LOCAL_DATA_DIR = os.path.join("~", ".cache", "zoo", "data")
 
 
 @dataclasses.dataclass
@@ -185,7 +190,15 @@ def prepare(config, workdir: str, *, with_data: bool = True, devices=None) -> Ru
   if config.remat.startswith("offload") and platform == "cpu":
     raise ZooError(f"remat {config.remat} offloads activations to host memory, which needs "
                    "TPU or GPU devices; on the CPU use full, save_qkvo, dots or none")
-  data_dir = config.data.data_dir or os.path.join(workdir, "data")
+  for source in (config.init_from, config.data.tokenizer):
+    if paths.is_remote(source):  # each host's copy, downloaded once (process 0 first)
+      process_zero_first(lambda source=source: paths.localize(source))
+  data_dir = config.data.data_dir or (LOCAL_DATA_DIR if paths.is_remote(workdir)
+                                      else os.path.join(workdir, "data"))
+  if paths.is_remote(data_dir):
+    raise ZooError(f"data.data_dir {data_dir}: datasets are built on a local disk (the "
+                   "default with a gs:// workdir is ~/.cache/zoo/data on each host)")
+  data_dir = os.path.expanduser(data_dir)
   tokenizer = None
   if with_data:
     os.makedirs(data_dir, exist_ok=True)
