@@ -150,6 +150,10 @@ def cmd_demo(args) -> int:
 
 
 def _load_for_inference(args):
+  # gs:// checkpoints and tokenizers are read from this machine's copy
+  args.checkpoint = paths.localize(args.checkpoint)
+  if args.tokenizer:
+    args.tokenizer = paths.localize(args.tokenizer)
   model = zoo.load(args.checkpoint, dtype=args.dtype, adapter=getattr(args, "adapter", None))
   tokenizer = None
   source = args.tokenizer or args.checkpoint

@@ -81,7 +81,7 @@ _MANIFEST = ".zoo-manifest.json"
 def localize(p: str) -> str:
   """A local copy of what a gs:// path names (a checkpoint or adapter directory, a tokenizer
   file), downloaded once into ~/.cache/zoo/remote/BUCKET/PATH and again when the bucket's
-  listing (names and sizes) changes; the converters and loaders then read it as local files.
+  listing (names, sizes, times) changes; the converters and loaders then read it as local files.
   A local path is returned as it is."""
   if not is_remote(p):
     return p
@@ -90,12 +90,13 @@ def localize(p: str) -> str:
   source = epath.Path(p)
   if not source.exists():
     raise ZooError(f"{p} does not exist")
-  local = os.path.join(os.path.expanduser(CACHE), *p[len(REMOTE):].split("/"))
+  local = local_copy(p)
   if not source.is_dir():
     files = {source.name: source}
   else:
     files = {"/".join(f.relative_to(source).parts): f for f in _files(source)}
-  listing = {name: f.stat().length for name, f in files.items()}
+  # names, sizes and modification times: an object rewritten since is fetched again
+  listing = {name: [(st := f.stat()).length, st.mtime] for name, f in files.items()}
   found = local if source.is_dir() else os.path.join(local, source.name)
   try:
     with open(os.path.join(local, _MANIFEST)) as f:
@@ -119,6 +120,45 @@ def localize(p: str) -> str:
     shutil.rmtree(staging, ignore_errors=True)
     raise
   return found
+
+
+def local_copy(p: str) -> str:
+  """Where `localize` and `pull_tree` keep this machine's copy of gs://BUCKET/PATH."""
+  return os.path.join(os.path.expanduser(CACHE), *p[len(REMOTE):].split("/"))
+
+
+def pull_tree(remote: str, local: str) -> None:
+  """Downloads the files under the gs:// prefix `remote` (which may hold nothing yet) that
+  `local` lacks or holds at another size; each through a temporary name."""
+  source = epath.Path(remote)
+  if not source.exists():
+    return
+  for f in _files(source):
+    target = os.path.join(local, *f.relative_to(source).parts)
+    if os.path.isfile(target) and os.path.getsize(target) == f.stat().length:
+      continue
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = f"{target}.partial-{os.getpid()}"
+    with f.open("rb") as a, open(partial, "wb") as b:
+      shutil.copyfileobj(a, b, 16 << 20)
+    os.replace(partial, target)
+
+
+def push_tree(local: str, remote: str) -> None:
+  """Uploads the files under `local` that the gs:// prefix `remote` lacks or holds at another
+  size; a TFDS dataset's dataset_info.json (what marks it prepared) after its data."""
+  target = epath.Path(remote)
+  there = ({"/".join(f.relative_to(target).parts): f.stat().length for f in _files(target)}
+           if target.exists() else {})
+  files = []
+  for root, _, names in os.walk(local):
+    files += [os.path.join(root, n) for n in names if not n.startswith(".")]
+  files.sort(key=lambda f: (os.path.basename(f) in ("dataset_info.json", *DESCRIPTIONS), f))
+  for f in files:
+    name = os.path.relpath(f, local).replace(os.sep, "/")
+    if there.get(name) != os.path.getsize(f):
+      with open(f, "rb") as a, epath.Path(join(remote, name)).open("wb") as b:
+        shutil.copyfileobj(a, b, 16 << 20)
 
 
 def path(p) -> epath.Path:

@@ -6,6 +6,7 @@ a run killed with SIGKILL resumes from the bucket bit for bit."""
 import glob
 import json
 import os
+import shutil
 import signal
 import threading
 
@@ -158,8 +159,9 @@ def test_a_two_process_launch_restarts_from_the_bucket(bucket, corpus, tmp_path)
   assert code == 0, err
   ref = losses(tmp_path / "local")
   run = f"{bucket}/launch"
-  proc = local_run(run, corpus, "--restart", 1, wait=False)
   side = paths.local_side(run)
+  shutil.rmtree(side, ignore_errors=True)  # no heartbeats of an earlier session's job
+  proc = local_run(run, corpus, "--restart", 1, wait=False)
   beats = wait_for(side, 12, proc)
   os.kill(beats[0]["pid"], signal.SIGKILL)
   out, err = proc.communicate(timeout=600)
@@ -220,3 +222,41 @@ def test_a_lora_run_from_a_base_in_the_bucket_exports_its_adapters_there(bucket,
   ours = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
   theirs = load_file(str(tmp_path / "lora" / "adapter_peft" / "adapter_model.safetensors"))
   assert set(ours) == set(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in theirs)
+  # zoo generate and zoo eval read a checkpoint and an adapter in the bucket
+  import subprocess
+  import sys
+  texts = []
+  for checkpoint, adapter in ((f"{base}/model", f"{bucket}/lora/adapter"),
+                              (str(tmp_path / "base"), str(tmp_path / "lora" / "adapter"))):
+    for command in (["generate", "--prompt", "def main(", "--max-new-tokens", "8"],
+                    ["eval", "--data", corpus["files"], "--seq-len", "32", "--json"]):
+      proc = subprocess.run([sys.executable, "-m", "zoo.cli", *command, "--checkpoint",
+                             checkpoint, "--adapter", adapter], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=600)
+      assert proc.returncode == 0, proc.stderr
+      texts.append(proc.stdout)
+  assert texts[:2] == texts[2:]
+
+
+def test_datasets_built_once_into_a_bucket_data_dir(bucket, corpus, reference, tmp_path):
+  """data.data_dir in the bucket: the first run builds the datasets and trains the tokenizer
+  in its host's copy and uploads them; a run on another host (a fresh home directory, so an
+  empty cache) downloads them and builds nothing. Both train on what a local data_dir gives."""
+  import subprocess
+  import sys
+  data = {"data.data_dir": f"{bucket}/data"}
+  outputs = []
+  for host in ("host1", "host2"):
+    env = dict(os.environ, HOME=str(tmp_path / host))
+    proc = subprocess.run([sys.executable, "-m", "zoo.cli", "train", "--config",
+                           "configs/default.py", "--workdir", str(tmp_path / host / "run"),
+                           *flags(corpus, **data)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert losses(tmp_path / host / "run") == reference
+    outputs.append(proc.stdout + proc.stderr)
+  assert "Downloading and preparing dataset" in outputs[0]
+  assert "Downloading and preparing dataset" not in outputs[1]
+  uploaded = fs().find(f"{BUCKET}/data")
+  assert any(p.endswith(".model") for p in uploaded)  # the trained tokenizer
+  assert any(p.endswith("dataset_info.json") for p in uploaded)

@@ -195,9 +195,12 @@ def prepare(config, workdir: str, *, with_data: bool = True, devices=None) -> Ru
       process_zero_first(lambda source=source: paths.localize(source))
   data_dir = config.data.data_dir or (LOCAL_DATA_DIR if paths.is_remote(workdir)
                                       else os.path.join(workdir, "data"))
-  if paths.is_remote(data_dir):
-    raise ZooError(f"data.data_dir {data_dir}: datasets are built on a local disk (the "
-                   "default with a gs:// workdir is ~/.cache/zoo/data on each host)")
+  # A gs:// data_dir is built and read in this machine's copy of it (array_record files are
+  # read locally): process 0 builds what is missing and uploads it, the others download it.
+  remote_data = data_dir if paths.is_remote(data_dir) else None
+  if remote_data:
+    paths.check_reachable(paths.resolve(remote_data))
+    data_dir = paths.local_copy(paths.resolve(remote_data))
   data_dir = os.path.expanduser(data_dir)
   tokenizer = None
   if with_data:
@@ -214,7 +217,15 @@ def prepare(config, workdir: str, *, with_data: bool = True, devices=None) -> Ru
                       template_dir=template_dir)
       return tokenizer
 
-    tokenizer = process_zero_first(build_data)
+    def build_and_share():
+      if remote_data:
+        paths.pull_tree(remote_data, data_dir)
+      tokenizer = build_data()
+      if remote_data and jax.process_index() == 0:
+        paths.push_tree(data_dir, remote_data)
+      return tokenizer
+
+    tokenizer = process_zero_first(build_and_share)
   model_config = _model_config(config, tokenizer, with_data)
   if tokenizer is not None and tokenizer.vocab_size > model_config.vocab_size:
     raise ZooError(f"the tokenizer's vocabulary ({tokenizer.vocab_size}) is larger than the "
