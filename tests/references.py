@@ -13,6 +13,9 @@ HF_CLASSES = {
   "mistral": ("MistralConfig", "MistralForCausalLM"),
   "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
   "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+  "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+  "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+  "llama4": ("Llama4TextConfig", "Llama4ForCausalLM"),
 }
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)

@@ -27,6 +27,14 @@ ROUND_TRIP = {
   "qwen2": ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
   "mistral": ("mistral", dict(sliding_window=8)),
   "mixtral": ("mixtral", dict(num_local_experts=4)),
+  "qwen3": ("qwen3", dict(head_dim=32, use_sliding_window=True, sliding_window=8,
+                          max_window_layers=1)),
+  "qwen3_moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                  num_hidden_layers=3, mlp_only_layers=[1],
+                                  norm_topk_prob=True)),
+  "llama4": ("llama4", dict(num_hidden_layers=4, intermediate_size=48, intermediate_size_mlp=96,
+                            num_local_experts=4, interleave_moe_layer_step=2,
+                            attention_chunk_size=16, floor_scale=4)),
 }
 
 
@@ -50,7 +58,8 @@ def test_hf_zoo_hf_is_bit_identical_and_loads_in_transformers(variant, save_hf, 
     assert config_from_hf(json.load(f)) == Checkpoint(src).config
 
 
-@pytest.mark.parametrize("preset", ["tiny_llama3", "tiny_mixtral", "tiny_qwen2", "tiny_mistral"])
+@pytest.mark.parametrize("preset", ["tiny_llama3", "tiny_mixtral", "tiny_qwen2", "tiny_mistral",
+                                    "tiny_qwen3", "tiny_qwen3_moe", "tiny_llama4"])
 def test_zoo_hf_zoo_is_bit_identical(preset, tmp_path):
   main(["init", preset, str(tmp_path / "zoo"), "--std", "0.1", "--dtype", "bfloat16"])
   convert(str(tmp_path / "zoo"), str(tmp_path / "hf"), "hf")
@@ -151,3 +160,61 @@ def test_side_files_travel_with_the_weights(save_hf, tmp_path):
   for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
     with open(tmp_path / "back" / name) as f:
       assert f.read() == '{"made_by": "test"}'
+
+
+def _llama4_multimodal(tmp_path, text_model):
+  """A Llama 4 checkpoint in the official layout (Llama4ForConditionalGeneration): the
+  language model of `text_model` beside a (tiny) vision tower and projector."""
+  from safetensors.torch import save_file
+  config = text_model.config.to_dict()
+  tensors = {"language_model." + k: v.contiguous() for k, v in text_model.state_dict().items()}
+  g = torch.Generator().manual_seed(1)
+  tensors["vision_model.patch_embedding.linear.weight"] = torch.randn(16, 48, generator=g)
+  tensors["multi_modal_projector.linear_1.weight"] = torch.randn(64, 16, generator=g)
+  path = tmp_path / "llama4_mm"
+  path.mkdir()
+  save_file(tensors, str(path / "model.safetensors"))
+  with open(path / "config.json", "w") as f:
+    json.dump({"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4",
+               "text_config": config, "vision_config": {"hidden_size": 16}}, f)
+  return path
+
+
+def test_llama4_multimodal_checkpoint_converts_its_language_model(save_hf, tmp_path, capsys):
+  ref_model = hf_model("llama4", **ROUND_TRIP["llama4"][1])
+  src = _llama4_multimodal(tmp_path, ref_model)
+  assert main(["convert", str(src), str(tmp_path / "zoo"), "--to", "zoo"]) == 0
+  out = capsys.readouterr().out
+  assert "left out 2 tensors of the vision tower" in out
+  x = tokens(length=40)
+  np.testing.assert_allclose(zoo.load(str(tmp_path / "zoo")).logits(x), hf_logits(ref_model, x),
+                             atol=1e-4, rtol=0)
+  # out again as a text-only model that transformers loads as Llama4ForCausalLM
+  convert(str(tmp_path / "zoo"), str(tmp_path / "text"), "hf")
+  assert_same_tensors(hf_tensors(save_hf(ref_model)), hf_tensors(tmp_path / "text"))
+
+
+@pytest.mark.parametrize("case", ["moe_count", "moe_missing", "meta_qwen3", "unknown_arch"])
+def test_moe_layouts_the_config_contradicts_are_refused(case, save_hf, tmp_path, capsys):
+  ref_model = hf_model("qwen3_moe", **ROUND_TRIP["qwen3_moe"][1])
+  src = save_hf(ref_model)
+  config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  to, expected, expected_too = "zoo", None, ""
+  if case == "moe_count":  # the file holds 4 experts per layer, the config says 6
+    config["num_experts"] = 6
+    expected = "model.layers.0.mlp.gate.weight in"
+    expected_too = "has shape (4, 64), but config implies (6, 64)"
+  elif case == "moe_missing":  # the config says layer 1 is sparse, the file has a dense MLP
+    config["mlp_only_layers"] = []
+    expected = "model.layers.1.mlp.down_proj.weight, which a qwen3_moe model"
+  elif case == "meta_qwen3":
+    to, expected = "meta", "Meta's checkpoint format cannot express the qwen3_moe architecture"
+  else:
+    config["architectures"] = ["Qwen3MoeForSequenceClassification"]
+    expected = "unsupported architecture 'Qwen3MoeForSequenceClassification'"
+  (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+  capsys.readouterr()
+  assert main(["convert", src, str(tmp_path / "out"), "--to", to]) != 0
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and expected in err and expected_too in err, err
+  assert not (tmp_path / "out").exists()

@@ -21,6 +21,14 @@ VARIANTS = {
   "mistral_window_8": ("mistral", dict(sliding_window=8)),
   "mixtral_window_8": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2,
                                        sliding_window=8)),
+  "qwen3_head_dim": ("qwen3", dict(head_dim=32, tie_word_embeddings=True)),
+  "qwen3_moe_top2": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2,
+                                       moe_intermediate_size=48, norm_topk_prob=True)),
+  # generation runs past the attention chunk of 16; floor_scale 4 moves the NoPE temperature
+  "llama4_chunk_16": ("llama4", dict(num_hidden_layers=4, intermediate_size=48,
+                                     intermediate_size_mlp=96, num_local_experts=4,
+                                     interleave_moe_layer_step=2, attention_chunk_size=16,
+                                     floor_scale=4)),
 }
 NEW_TOKENS = 40
 PROMPT_LENGTHS = (5, 17, 9)
@@ -46,7 +54,8 @@ def test_greedy_batch_matches_transformers_one_by_one(variant, save_hf):
 
 
 @pytest.mark.parametrize("rows", [[0, 1], [1]], ids=["batch2", "batch1"])
-@pytest.mark.parametrize("variant", ["llama_gqa", "mistral_window_8", "mixtral_window_8"])
+@pytest.mark.parametrize("variant", ["llama_gqa", "mistral_window_8", "mixtral_window_8",
+                                     "llama4_chunk_16"])
 def test_cached_logits_equal_full_forward_every_step(variant, rows, save_hf):
   """(Batch 1 steps run their weight products on zoo.kernels.gemv, batch 2 on XLA's dot.)"""
   family, overrides = VARIANTS[variant]

@@ -6,10 +6,18 @@ import pytest
 import zoo
 from tests.helpers import tokens
 from tests.references import hf_logits, hf_model
+from zoo.convert.checkpoint import Checkpoint, checkpoint_config as load_config
+from zoo.models.llama import from_params, param_shapes
 from zoo.errors import ZooError
+from zoo.models.stack import scan_period
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 2.0,
                "high_freq_factor": 8.0, "original_max_position_embeddings": 32}
+
+QWEN3_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48)
+LLAMA4 = dict(num_hidden_layers=4, intermediate_size=48, intermediate_size_mlp=96,
+              num_local_experts=4, num_experts_per_tok=1, attention_chunk_size=16,
+              floor_scale=4, attn_scale=0.1, head_dim=16)
 
 VARIANTS = {
   # name: (family, config overrides, sequence length)
@@ -45,6 +53,30 @@ VARIANTS = {
   "mixtral_top2": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2), 40),
   "mixtral_top1_window": ("mixtral", dict(num_local_experts=3, num_experts_per_tok=1,
                                           sliding_window=8), 40),
+  # Qwen3: q/k RMSNorm, explicit head_dim
+  "qwen3_tied_head_dim": ("qwen3", dict(tie_word_embeddings=True, head_dim=32), 40),
+  "qwen3_untied_bias": ("qwen3", dict(attention_bias=True, head_dim=8), 40),
+  "qwen3_alternating_windows": ("qwen3", dict(
+      use_sliding_window=True, sliding_window=8, num_hidden_layers=4,
+      layer_types=["full_attention", "sliding_attention"] * 2), 40),
+  # Qwen3-MoE: routing with and without renormalised top-k, top-1, sparse steps
+  "qwen3_moe_topk_norm": ("qwen3_moe", dict(**QWEN3_MOE, norm_topk_prob=True), 40),
+  "qwen3_moe_topk_raw": ("qwen3_moe", dict(**QWEN3_MOE, norm_topk_prob=False), 40),
+  "qwen3_moe_top1_raw": ("qwen3_moe", dict(QWEN3_MOE, num_experts_per_tok=1,
+                                           norm_topk_prob=False), 40),
+  "qwen3_moe_sparse_step": ("qwen3_moe", dict(QWEN3_MOE, num_hidden_layers=4,
+                                              decoder_sparse_step=2), 40),
+  "qwen3_moe_mlp_only_layers": ("qwen3_moe", dict(QWEN3_MOE, num_hidden_layers=4,
+                                                  decoder_sparse_step=2,
+                                                  mlp_only_layers=[3]), 40),
+  # Llama 4: chunks shorter than the sequence, NoPE layers with temperature tuning that moves
+  # values at these lengths (floor_scale 4), MoE on every layer or every second one
+  "llama4_interleave1": ("llama4", dict(**LLAMA4), 40),
+  "llama4_interleave2_top2_no_qk_norm": ("llama4", dict(
+      LLAMA4, interleave_moe_layer_step=2, num_experts_per_tok=2, use_qk_norm=False), 40),
+  "llama4_scaled_rope_8_layers": ("llama4", dict(
+      LLAMA4, num_hidden_layers=8, interleave_moe_layer_step=2, rope_parameters={
+          "rope_theta": 500000.0, **LLAMA3_ROPE}), 48),
 }
 
 
@@ -55,7 +87,7 @@ def test_logits_match_transformers(variant, layout, save_hf):
   ref_model = hf_model(family, **overrides)
   x = tokens(length=length)
   ref = hf_logits(ref_model, x)
-  if layout == "scanned" and variant == "qwen2_sliding_some_layers":
+  if layout == "scanned" and scan_period(load_config(save_hf(ref_model))) is None:
     # layers that differ without a repeating group cannot be scanned (zoo train runs them
     # unrolled, with a note)
     with pytest.raises(ZooError, match="do not repeat"):
@@ -90,3 +122,32 @@ def test_bfloat16_compute_tracks_float32(save_hf):
     approx = model.logits(x)
     err = np.abs(approx - exact).max() / np.abs(exact).max()
     assert 0 < err < 0.05, err
+
+
+# Each new mechanism switched off in zoo (same weights) moves the logits far past the tolerance
+# of the parity test above: none of them passes by accident.
+MUTATIONS = [
+  ("qwen3_tied_head_dim", dict(qk_norm=None)),
+  ("llama4_interleave1", dict(qk_norm=None)),
+  ("llama4_interleave1", dict(attn_temperature_tuning=False)),
+  ("llama4_interleave1", dict(layer_types=None, attention_chunk_size=None)),
+  ("llama4_interleave1", dict(rope_interleaved=False)),
+  ("llama4_interleave1", dict(no_rope_layers=())),
+  ("llama4_interleave1", dict(shared_expert=False)),
+  ("llama4_interleave2_top2_no_qk_norm", dict(router="softmax")),
+  ("qwen3_moe_topk_norm", dict(norm_topk_prob=False)),
+  ("qwen3_moe_topk_raw", dict(norm_topk_prob=True)),
+]
+
+
+@pytest.mark.parametrize("variant,change", MUTATIONS)
+def test_each_new_mechanism_changes_the_logits(variant, change, save_hf):
+  family, overrides, length = VARIANTS[variant]
+  ref_model = hf_model(family, **overrides)
+  x = tokens(length=length)
+  ckpt = Checkpoint(save_hf(ref_model))
+  config = ckpt.config.replace(**change)
+  shapes = param_shapes(config)
+  params = {k: v for k, v in ckpt.params().items() if k in shapes}
+  ours = from_params(config, params).logits(x)
+  assert np.abs(ours - hf_logits(ref_model, x)).max() > 1e-2

@@ -90,8 +90,12 @@ class Checkpoint:
     path = paths.localize(path)  # a gs:// checkpoint is read from a local copy
     self.path = path
     self.format = detect_format(path)
+    self.hf_prefix = ""  # before every HF tensor name (a multimodal Llama 4's language model)
+    self.notes: list[str] = []  # what a conversion tells the user beyond the output's path
     if self.format == "hf":
-      self.config = hf.config_from_hf(read_json(os.path.join(path, "config.json")))
+      hf_config = read_json(os.path.join(path, "config.json"))
+      self.config = hf.config_from_hf(hf_config)
+      _, self.hf_prefix = hf.text_config(hf_config)
       self.source = TensorSource(weight_files(path, "model"))
       self.side_files = _side_files(path, {"config.json"})
     elif self.format == "meta":
@@ -106,13 +110,22 @@ class Checkpoint:
       self.source = TensorSource(weight_files(path, "model"))
       self.side_files = _side_files(path, {ZOO_META})
     self._validate()
-    self.notes: list[str] = []  # what a conversion tells the user beyond the output's path
+
+  def entries(self) -> list[hf.Entry]:
+    """The HF weight map of this checkpoint's model, under its tensors' names."""
+    return hf.weight_map(self.config, self.hf_prefix)
 
   def _validate(self):
     infos = self.source.infos
     if self.format == "hf":
-      expected = {e.hf: e.hf_shape for e in hf.weight_map(self.config)}
-      ignorable = lambda n: hf.ignorable_hf_tensor(n, self.config)  # noqa: E731
+      expected = {e.hf: e.hf_shape for e in self.entries()}
+      left_out = sorted(n for n in infos if hf.left_out(n, self.hf_prefix))
+      if left_out:
+        self.notes.append(f"took the language model only: left out {len(left_out)} tensors of "
+                          "the vision tower and projector (vision_model.*, "
+                          "multi_modal_projector.*)")
+      ignorable = lambda n: (hf.ignorable_hf_tensor(n, self.config, self.hf_prefix)  # noqa: E731
+                             or hf.left_out(n, self.hf_prefix))
     elif self.format == "meta":
       expected = {e.meta: e.shape for e in self.source.entries.values()}
       ignorable = lambda n: n in meta.IGNORED  # noqa: E731
@@ -141,17 +154,25 @@ class Checkpoint:
       return {name: info.dtype for name, info in infos.items()}
     if self.format == "meta":
       return {e.zoo: infos[e.meta].dtype for e in self.source.entries.values()}
-    return {e.zoo: infos[e.hf].dtype for e in hf.weight_map(self.config)}
+    return {e.zoo: infos[e.hf].dtype for e in self.entries()}
 
   def stream(self, split_experts: bool) -> Iterator[tuple[str, int | None, np.ndarray]]:
-    """(zoo name, expert slice or None, array) in file order, one tensor in memory at a time."""
+    """(zoo name, expert slice or None, array) in file order, one tensor in memory at a time
+    (one expert's slice of it for stacked experts)."""
     if self.format == "hf":
-      entries = {e.hf: e for e in hf.weight_map(self.config)}
+      entries: dict[str, list[hf.Entry]] = {}
+      for e in self.entries():
+        entries.setdefault(e.hf, []).append(e)
       for name in self.source:
-        if name in entries:
-          e = entries[name]
-          array = self.source.read(name)
-          yield e.zoo, e.expert, (array.T if e.transpose else array)
+        for_name = entries.get(name, [])
+        if for_name and for_name[0].stacked:
+          for i in range(self.config.num_experts):
+            array = self.source.read(name, i)
+            for e in for_name:
+              yield e.zoo, i, hf.to_zoo(e, array)
+          continue
+        for e in for_name:
+          yield e.zoo, e.expert, hf.to_zoo(e, self.source.read(name))
       return
     if self.format == "meta":
       for name in self.source:
@@ -159,7 +180,7 @@ class Checkpoint:
           e = self.source.entries[name]
           yield e.zoo, None, meta.to_zoo(e, self.source.read(name))
       return
-    stacked = {e.zoo for e in hf.weight_map(self.config) if e.expert is not None}
+    stacked = {e.zoo for e in hf.weight_map(self.config) if e.per_expert}
     for name in self.source:
       if split_experts and name in stacked:
         for i in range(self.config.num_experts):
@@ -174,15 +195,14 @@ class Checkpoint:
       return self.source.read(zoo_name)
     if not hasattr(self, "_by_zoo"):  # zoo name -> its entries, built once per checkpoint
       entries = (self.source.entries.values() if self.format == "meta"
-                 else hf.weight_map(self.config))
+                 else self.entries())
       self._by_zoo: dict[str, list] = {}
       for e in entries:
         self._by_zoo.setdefault(e.zoo, []).append(e)
     pieces = self._by_zoo[zoo_name]
     if self.format == "meta":
       return meta.to_zoo(pieces[0], self.source.read(pieces[0].meta))
-    arrays = [self.source.read(e.hf) for e in pieces]
-    arrays = [a.T if e.transpose else a for e, a in zip(pieces, arrays)]
+    arrays = [hf.to_zoo(e, self.source.read(e.hf)) for e in pieces]
     return arrays[0] if pieces[0].expert is None else np.stack(arrays)
 
   def params(self) -> dict[str, np.ndarray]:
@@ -198,6 +218,12 @@ class Checkpoint:
           out[name] = np.empty(shapes[name], dtype=dtypes[name])
         out[name][expert] = array
     return out
+
+
+def e_stacked(by_zoo: dict, name: str) -> bool:
+  """Whether zoo tensor `name` maps to an HF tensor that stacks the experts too."""
+  e = by_zoo.get((name, None))
+  return e is not None and e.stacked
 
 
 def _dtype_name(dtype: np.dtype) -> str:
@@ -231,12 +257,22 @@ def write_checkpoint(ckpt: Checkpoint, out_dir: str, to: str, dtype: str | None 
   elif to == "hf":
     entries = hf.weight_map(config)
     hf_config = hf.config_to_hf(config, _dtype_name(cast or dtypes[entries[0].zoo]))
-    plan = [(e.hf, cast or dtypes[e.zoo], e.hf_shape) for e in entries]
+    plan = list({e.hf: (e.hf, cast or dtypes[e.zoo], e.hf_shape) for e in entries}.values())
     writer = ShardedWriter(out_dir, plan, max_shard_bytes)
-    by_zoo = {(e.zoo, e.expert): e for e in entries}
+    by_zoo = {(e.zoo, None if e.stacked else e.expert): e for e in entries}
+    parts: dict[tuple[str, int], dict[int, np.ndarray]] = {}  # fused tensors being assembled
     for name, expert, array in ckpt.stream(split_experts=True):
-      e = by_zoo[(name, expert)]
-      writer.write(e.hf, array.T if e.transpose else array)
+      e = by_zoo[(name, None if e_stacked(by_zoo, name) else expert)]
+      array = np.swapaxes(array, -1, -2) if e.transpose else array
+      index = expert if e.stacked else None
+      if e.part is None:
+        writer.write(e.hf, array, index)
+        continue
+      got = parts.setdefault((e.hf, index), {})
+      got[e.part[0]] = array
+      if len(got) == e.part[1]:  # every part of this slice is here: write it whole
+        writer.write(e.hf, np.concatenate([got[i] for i in range(e.part[1])], axis=-1), index)
+        del parts[(e.hf, index)]
     write_json(os.path.join(out_dir, "config.json"), hf_config)
   else:
     raise ZooError(f"unknown output format {to!r}; use one of {', '.join(FORMATS)}")

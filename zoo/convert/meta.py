@@ -216,6 +216,8 @@ def config_from_params(params: dict, vocab_size: int | None = None,
 
 def _inexpressible(c: LlamaConfig) -> str | None:
   """The first feature of `c` that Meta's format cannot express, or None."""
+  if c.family not in ("llama", "mistral", "mixtral", "qwen2"):
+    return f"the {c.family} architecture (its layout holds LLaMA 1-3 only)"
   if c.num_experts:
     return "mixture of experts (num_experts)"
   if c.qkv_bias or c.o_bias or c.mlp_bias:

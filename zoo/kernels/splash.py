@@ -40,9 +40,12 @@ def block_size(length: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel(length: int, group: int, window: int | None, block: int, interpret: bool):
+def _kernel(length: int, group: int, window: int | None, block: int, interpret: bool,
+            chunk: int | None = None):
   """The multi-query kernel for `group` query heads over one kv head, sequence `length`."""
-  if window is None:
+  if chunk is not None:  # causal within chunks of `chunk` positions (Llama 4)
+    mask = masks.ChunkedCausalMask((length, length), chunk_size=chunk)
+  elif window is None:
     mask = masks.CausalMask((length, length))
   else:  # causal within the window: key j is seen from query i when 0 <= i - j < window
     mask = masks.LocalMask((length, length), (window - 1, 0), 0)
@@ -56,7 +59,8 @@ def _kernel(length: int, group: int, window: int | None, block: int, interpret: 
                                   head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _local(q, k, v, segment_ids, *, window: int | None, interpret: bool):
+def _local(q, k, v, segment_ids, *, window: int | None, interpret: bool,
+           chunk: int | None = None):
   """Attention on one device's arrays: q [B, T, N, H], k and v [B, T, K, H]."""
   b, t, n, h = q.shape
   kv = k.shape[2]
@@ -72,7 +76,7 @@ def _local(q, k, v, segment_ids, *, window: int | None, interpret: bool):
   k, v = jnp.pad(k, rows), jnp.pad(v, rows)
   qh = q.reshape(b, padded, kv, group, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
   kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
-  attend = _kernel(padded, group, window, block, interpret)
+  attend = _kernel(padded, group, window, block, interpret, chunk)
   if segment_ids is None:
     out = jax.vmap(jax.vmap(attend))(qh, kh, vh)  # over rows, then kv heads: [B, K, G, T, H]
   else:
@@ -85,10 +89,11 @@ def _local(q, k, v, segment_ids, *, window: int | None, interpret: bool):
 
 
 def splash_attention(q, k, v, *, segment_ids=None, window: int | None = None,
-                     interpret: bool = False):
+                     chunk: int | None = None, interpret: bool = False):
   """Causal attention of q [B, T, N, H] over k, v [B, T, K, H] (N a multiple of K), within
-  `window` tokens and within segments (`segment_ids` [B, T]) when given. Returns [B, T, N, H]."""
-  local = functools.partial(_local, window=window, interpret=interpret)
+  `window` tokens, within chunks of `chunk` positions and within segments (`segment_ids`
+  [B, T]) when given. Returns [B, T, N, H]."""
+  local = functools.partial(_local, window=window, interpret=interpret, chunk=chunk)
   active = sharding.active()
   if active is None:
     return local(q, k, v, segment_ids)

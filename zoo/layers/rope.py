@@ -101,10 +101,16 @@ def rope_cos_sin(config: LlamaConfig, positions: jax.Array, dtype) -> tuple[jax.
   return (jnp.cos(angles) * scale).astype(dtype), (jnp.sin(angles) * scale).astype(dtype)
 
 
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates x [B, T, heads, head_dim] by the tables [B, T, head_dim] (rotate-half layout)."""
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array, interleaved: bool = False
+               ) -> jax.Array:
+  """Rotates x [B, T, heads, head_dim] by the tables [B, T, head_dim]: feature i with feature
+  i + head_dim / 2 (rotate-half layout, HF's), or feature 2i with 2i + 1 (`interleaved`, the
+  complex-number rotation of Meta's code that HF keeps for Llama 4)."""
   # Both halves of the tables are equal, so the rotation is done half by half.
   half = x.shape[-1] // 2
-  x1, x2 = x[..., :half], x[..., half:]
   c, s = cos[:, :, None, :half], sin[:, :, None, :half]
+  if interleaved:
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return jnp.stack([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(x.shape)
+  x1, x2 = x[..., :half], x[..., half:]
   return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)

@@ -1,7 +1,8 @@
 """The LLaMA-family decoder in Flax NNX.
 
 One implementation serves LLaMA 1/2/3.x, CodeLlama, TinyLlama, Mistral (sliding window), Qwen2
-(q/k/v bias) and Mixtral (sparse MoE); `LlamaConfig` (zoo/models/config.py) says which parts are
+(q/k/v bias), Qwen3 (q/k norms), Mixtral and Qwen3-MoE (sparse MoE) and Llama 4 (MoE with a
+shared expert, chunked attention, NoPE layers); `LlamaConfig` (zoo/models/config.py) says which parts are
 on, and `zoo/models/presets.py` holds the public sizes. Parameter paths follow HF without the
 `model.` prefix (`layers.0.self_attn.q_proj.kernel`), so conversion is a table plus transposes.
 """
@@ -73,15 +74,17 @@ class DecoderLayer(nnx.Module):
     self.self_attn = Attention(config, layer, implementation=attention_impl, rngs=rngs, **kw)
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs,
                                             **kw)
-    if config.num_experts:
+    if config.is_moe_layer(layer):
       self.block_sparse_moe = SparseMoE(config, implementation=moe_impl, rngs=rngs, **kw)
     else:
       self.mlp = MLP(config, rngs=rngs, **kw)
 
-  def __call__(self, x, cos, sin, segment_ids=None, cache=None, positions=None):
+  def __call__(self, x, cos, sin, segment_ids=None, cache=None, positions=None,
+               token_positions=None):
     ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
     if positions is None:
-      x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
+      x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids,
+                             token_positions=token_positions)
       return x + ffn(checkpoint_name(self.post_attention_layernorm(x), "mlp_input"))
     h, new = self.self_attn(self.input_layernorm(x), cos, sin, cache=cache, positions=positions)
     x = x + h
@@ -148,6 +151,8 @@ class Llama(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
     cos, sin = rope_cos_sin(self.config, positions, self.dtype)
+    # only the NoPE layers' temperature reads the positions themselves
+    token_positions = positions if self.config.attn_temperature_tuning else None
     x = constrain(self.embed_tokens(tokens), ("batch", "length", "embed"))  # [B, T, D]
     run = _apply_layer
     if self.remat == "full" and self.remat_impl == "custom_vjp":
@@ -155,7 +160,8 @@ class Llama(nnx.Module):
     elif self.remat != "none":
       run = nnx.remat(_apply_layer, policy=REMAT_POLICIES[self.remat])
     def apply(layer, x):
-      return constrain(run(layer, x, cos, sin, segment_ids), ("batch", "length", "embed"))
+      return constrain(run(layer, x, cos, sin, segment_ids, token_positions),
+                       ("batch", "length", "embed"))
 
     if not self.scan_layers:
       for layer in self.layers:
@@ -232,8 +238,8 @@ def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
   return nnx.merge(graphdef, nnx.from_flat_state(stacked))
 
 
-def _apply_layer(layer, x, cos, sin, segment_ids):
-  return layer(x, cos, sin, segment_ids)
+def _apply_layer(layer, x, cos, sin, segment_ids, token_positions=None):
+  return layer(x, cos, sin, segment_ids, token_positions=token_positions)
 
 
 def _zero_cotangent(a):
@@ -242,8 +248,8 @@ def _zero_cotangent(a):
   return np.zeros(a.shape, jax.dtypes.float0)
 
 
-def recompute(layer, x, cos, sin, segment_ids):
-  """`layer(x, cos, sin, segment_ids)`, keeping only its inputs for the backward pass, which
+def recompute(layer, x, cos, sin, segment_ids, token_positions=None):
+  """`layer(x, cos, sin, segment_ids, token_positions=...)`, keeping only its inputs for the backward pass, which
   runs the layer again to get its gradients (remat "full").
 
   `jax.checkpoint` marks its recomputation with optimization barriers, which XLA:CPU removes
@@ -252,13 +258,13 @@ def recompute(layer, x, cos, sin, segment_ids):
   neither hoist nor merge, so a step holds one layer's intermediates at a time on every backend.
   """
   graphdef, state = nnx.split(layer)
-  flat, tree = jax.tree.flatten((state, x, cos, sin, segment_ids))
+  flat, tree = jax.tree.flatten((state, x, cos, sin, segment_ids, token_positions))
   n_state = len(jax.tree.leaves(state))
   inexact = [jnp.issubdtype(a.dtype, jnp.inexact) for a in flat]
 
   def apply(flat):
-    state, x, cos, sin, segment_ids = jax.tree.unflatten(tree, flat)
-    return nnx.merge(graphdef, state)(x, cos, sin, segment_ids)
+    state, x, cos, sin, segment_ids, token_positions = jax.tree.unflatten(tree, flat)
+    return nnx.merge(graphdef, state)(x, cos, sin, segment_ids, token_positions=token_positions)
 
   @jax.custom_vjp
   def run(flat):

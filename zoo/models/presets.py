@@ -60,6 +60,42 @@ def _qwen2(d, f, layers, heads, kv, *, tied, vocab=151936, max_len=32768, eps=1e
                      eos_token_id=151643)
 
 
+def _qwen3(d, f, layers, heads, *, tied, kv=8):
+  return LlamaConfig(family="qwen3", vocab_size=151936, hidden_size=d, intermediate_size=f,
+                     num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=128,
+                     max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1e6,
+                     tie_word_embeddings=tied, qk_norm="rms", bos_token_id=151643,
+                     eos_token_id=151643)
+
+
+def _qwen3_moe(d, moe_f, layers, heads):
+  return LlamaConfig(family="qwen3_moe", vocab_size=151936, hidden_size=d,
+                     intermediate_size=3 * d, num_layers=layers, num_heads=heads, num_kv_heads=4,
+                     head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
+                     rope_theta=1e6, qk_norm="rms", num_experts=128, num_experts_per_tok=8,
+                     moe_intermediate_size=moe_f, norm_topk_prob=True, bos_token_id=151643,
+                     eos_token_id=151645)
+
+
+def _llama4(*, experts, moe_step, max_len, qk_norm, scaling=None):
+  layers = 48
+  return LlamaConfig(family="llama4", vocab_size=202048, hidden_size=5120,
+                     intermediate_size=16384, moe_intermediate_size=8192, num_layers=layers,
+                     num_heads=40, num_kv_heads=8, head_dim=128, max_position_embeddings=max_len,
+                     rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=scaling,
+                     rope_interleaved=True, qk_norm="l2" if qk_norm else None,
+                     num_experts=experts, num_experts_per_tok=1, router="sigmoid",
+                     shared_expert=True,
+                     moe_layers=(None if moe_step == 1 else
+                                 tuple(range(moe_step - 1, layers, moe_step))),
+                     no_rope_layers=tuple(range(3, layers, 4)),
+                     layer_types=tuple("full_attention" if i % 4 == 3 else "chunked_attention"
+                                       for i in range(layers)),
+                     attention_chunk_size=8192, attn_temperature_tuning=True,
+                     floor_scale=8192.0, attn_scale=0.1, bos_token_id=200000,
+                     eos_token_id=(200001, 200007, 200008))
+
+
 PRESETS: dict[str, LlamaConfig] = {
   # LLaMA 1 (huggyllama/llama-7b ... llama-65b)
   "llama1_7b": _llama1(4096, 11008, 32, 32),
@@ -120,6 +156,20 @@ PRESETS: dict[str, LlamaConfig] = {
                         eps=1e-5),
   "qwen2_5_72b": _qwen2(8192, 29568, 80, 64, 8, tied=False, vocab=152064, max_len=131072,
                         eps=1e-5),
+  # Qwen3 (Qwen/Qwen3-0.6B-Base ... Qwen3-14B-Base, Qwen/Qwen3-32B): q/k RMSNorm, head_dim 128
+  "qwen3_0_6b": _qwen3(1024, 3072, 28, 16, tied=True),
+  "qwen3_1_7b": _qwen3(2048, 6144, 28, 16, tied=True),
+  "qwen3_4b": _qwen3(2560, 9728, 36, 32, tied=True),
+  "qwen3_8b": _qwen3(4096, 12288, 36, 32, tied=False),
+  "qwen3_14b": _qwen3(5120, 17408, 40, 40, tied=False),
+  "qwen3_32b": _qwen3(5120, 25600, 64, 64, tied=False),
+  # Qwen3-MoE (Qwen/Qwen3-30B-A3B, Qwen/Qwen3-235B-A22B): 128 experts, top 8
+  "qwen3_30b_a3b": _qwen3_moe(2048, 768, 48, 32),
+  "qwen3_235b_a22b": _qwen3_moe(4096, 1536, 94, 64),
+  # Llama 4 (meta-llama/Llama-4-Scout-17B-16E, Llama-4-Maverick-17B-128E: their text_config)
+  "llama4_scout_17b_16e": _llama4(experts=16, moe_step=1, max_len=10485760, qk_norm=True,
+                                  scaling=llama3_scaling(16.0)),
+  "llama4_maverick_17b_128e": _llama4(experts=128, moe_step=2, max_len=1048576, qk_norm=False),
   # Tiny debug models: every code path of the family at a size a CPU test runs in seconds.
   "tiny_llama": LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2,
                             num_heads=4, num_kv_heads=2, max_position_embeddings=256),
@@ -138,6 +188,24 @@ PRESETS: dict[str, LlamaConfig] = {
                             num_layers=2, num_heads=4, num_kv_heads=2, qkv_bias=True,
                             max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=1e6,
                             tie_word_embeddings=True),
+  "tiny_qwen3": LlamaConfig(family="qwen3", vocab_size=512, hidden_size=64, intermediate_size=160,
+                            num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32, qk_norm="rms",
+                            max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=1e6,
+                            tie_word_embeddings=True),
+  "tiny_qwen3_moe": LlamaConfig(family="qwen3_moe", vocab_size=512, hidden_size=64,
+                                intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2,
+                                head_dim=32, qk_norm="rms", num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=48, norm_topk_prob=True,
+                                max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=1e6),
+  "tiny_llama4": LlamaConfig(family="llama4", vocab_size=512, hidden_size=64,
+                             intermediate_size=160, moe_intermediate_size=64, num_layers=4,
+                             num_heads=4, num_kv_heads=2, max_position_embeddings=256,
+                             rope_theta=500000.0, rope_interleaved=True, qk_norm="l2",
+                             num_experts=4, num_experts_per_tok=1, router="sigmoid",
+                             shared_expert=True, moe_layers=(1, 3), no_rope_layers=(3,),
+                             layer_types=("chunked_attention",) * 3 + ("full_attention",),
+                             attention_chunk_size=16, attn_temperature_tuning=True,
+                             floor_scale=4.0, attn_scale=0.1),
 }
 
 

@@ -28,9 +28,11 @@ _STACKED = re.compile(rf"{STACK}\.(\d+)\.(.+)")
 
 
 def layer_kinds(config: LlamaConfig) -> list[tuple]:
-  """What sets each decoder layer apart from another of the same sizes (its attention window
-  today): layers of one kind share a module structure and can run in one scan."""
-  return [(config.layer_window(i),) for i in range(config.num_layers)]
+  """What sets each decoder layer apart from another of the same sizes (its attention window or
+  chunk, rotary or not, MoE or dense): layers of one kind share a module structure and can run
+  in one scan."""
+  return [(config.layer_window(i), config.layer_chunk(i), config.layer_rope(i),
+           config.is_moe_layer(i)) for i in range(config.num_layers)]
 
 
 def scan_period(config: LlamaConfig) -> int | None:
