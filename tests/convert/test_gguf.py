@@ -72,6 +72,11 @@ VARIANTS = {
   "mistral_nemo_head_dim": ("tiny_mistral", {"sliding_window": None, "head_dim": 32}, "zoo", 96),
   "mixtral": ("tiny_mixtral", {}, "zoo", 96),
   "qwen2": ("tiny_qwen2", {}, "zoo", 96),
+  "qwen3": ("tiny_qwen3", {}, "zoo", 96),
+  "qwen3_moe": ("tiny_qwen3_moe", {}, "zoo", 96),
+  # llama.cpp's chunk (8192) and temperature floor (8192), MoE every second layer, NoPE on the
+  # fourth; 4 experts, so q/k norms on
+  "llama4": ("tiny_llama4", {"attention_chunk_size": 8192, "floor_scale": 8192.0}, "zoo", 96),
 }
 
 
@@ -348,3 +353,28 @@ def test_bad_gguf_export(case, words, tokenizers, tmp_path, capsys):
   assert words in err and len(err.splitlines()) == 1, err
   assert leftovers(tmp_path) == []
   assert not out.exists() or out.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("preset,overrides,words", [
+  ("tiny_qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob False"),
+  ("tiny_qwen3_moe", {"moe_layers": [1]}, "dense layers among the MoE ones"),
+  ("tiny_qwen3", {"qkv_bias": True, "o_bias": True}, "attention or MLP biases"),
+  ("tiny_llama4", {}, "attention_chunk_size 16"),
+  ("tiny_llama4", {"attention_chunk_size": None, "layer_types": None, "no_rope_layers": []},
+   "Llama 4 without chunked attention"),
+  ("tiny_llama4", {"attention_chunk_size": 8192, "floor_scale": 4.0}, "floor_scale 8192"),
+  ("tiny_llama4", {"attention_chunk_size": 8192, "floor_scale": 8192.0, "qk_norm": None},
+   "qk_norm None with 4 experts"),
+  ("tiny_llama4", {"attention_chunk_size": 8192, "floor_scale": 8192.0, "moe_layers": [0, 3]},
+   "MoE layers that are not every s-th layer"),
+])
+def test_gguf_refuses_what_llamacpp_computes_differently(preset, overrides, words, tokenizers,
+                                                         tmp_path, capsys):
+  src = str(tmp_path / "m")
+  init_checkpoint(preset, src, to="zoo", overrides=overrides)
+  shutil.copy(tokenizers["zoo"], os.path.join(src, "tokenizer.model"))
+  out = tmp_path / "out.gguf"
+  assert main(["convert", src, str(out), "--to", "gguf"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert words in err and len(err.splitlines()) == 1, err
+  assert not out.exists() and leftovers(tmp_path) == []

@@ -9,8 +9,14 @@ Layouts. Tensors are stored as PyTorch/HF store them ([out, in]; the GGUF header
 reversed, which the package does). llama.cpp's `llama` architecture rotates q/k in Meta's
 interleaved layout (its rope type NORM), so the q/k rows, and their biases, are reordered by
 `meta.permute_rotary`, the function the Meta converter uses; its `qwen2` architecture rotates
-halves as zoo does (rope type NEOX), so they are not. Mixtral is the `llama` architecture with
-experts stacked [experts, out, in].
+halves as zoo does (rope type NEOX), so they are not, and neither are those of `qwen3` and
+`qwen3moe`. Mixtral is the `llama` architecture with experts stacked [experts, out, in]. The
+`llama4` architecture rotates interleaved pairs as Llama 4's checkpoints already store them.
+
+Where llama.cpp hard-codes what a config may vary (Llama 4's chunk of 8192 on three layers of
+four and NoPE on the fourth, its temperature constants, q/k norms on every model but the
+128-expert one; Qwen3-MoE's renormalised top-k on every layer), a config that differs is
+refused with a one-line error naming the field.
 
 What llama.cpp cannot run as zoo does is refused before anything is written: dynamic-NTK and
 YaRN rope scaling. A sliding window it does not apply either (its llama and qwen2 graphs attend
@@ -69,7 +75,19 @@ _LAYER = {
   "block_sparse_moe.experts.w1": ("ffn_gate_exps.weight", "E"),
   "block_sparse_moe.experts.w3": ("ffn_up_exps.weight", "E"),
   "block_sparse_moe.experts.w2": ("ffn_down_exps.weight", "E"),
+  "block_sparse_moe.shared_expert.gate_proj.kernel": ("ffn_gate_shexp.weight", "T"),
+  "block_sparse_moe.shared_expert.up_proj.kernel": ("ffn_up_shexp.weight", "T"),
+  "block_sparse_moe.shared_expert.down_proj.kernel": ("ffn_down_shexp.weight", "T"),
+  "self_attn.q_norm.scale": ("attn_q_norm.weight", ""),
+  "self_attn.k_norm.scale": ("attn_k_norm.weight", ""),
 }
+# zoo family -> llama.cpp architecture, for the families with an architecture of their own
+_ARCHS = {"qwen3": "qwen3", "qwen3_moe": "qwen3moe", "llama4": "llama4"}
+# llama.cpp's constants for Llama 4 (llama4.cpp): its chunk, the period of its layer pattern
+# (chunked with rotary on three layers of four, full attention without rotary on the fourth),
+# its temperature tuning, and the expert count of the one model without q/k norms.
+LLAMA4_CHUNK, LLAMA4_PERIOD, LLAMA4_FLOOR, LLAMA4_ATTN_SCALE = 8192, 4, 8192.0, 0.1
+LLAMA4_NO_QK_NORM_EXPERTS = 128
 _GLOBAL = {
   "embed_tokens.embedding": ("token_embd.weight", ""),
   "norm.scale": ("output_norm.weight", ""),
@@ -93,8 +111,11 @@ class Tensor:
 
 
 def architecture(c: LlamaConfig) -> str:
-  """llama.cpp's architecture for `c`: qwen2 for Qwen2 checkpoints its qwen2 graph can run (no
-  o/MLP bias, heads * head_dim == hidden), else llama, whose graph has every other option."""
+  """llama.cpp's architecture for `c`: qwen3, qwen3moe and llama4 for those families; qwen2 for
+  Qwen2 checkpoints its qwen2 graph can run (no o/MLP bias, heads * head_dim == hidden), else
+  llama, whose graph has every other option."""
+  if c.family in _ARCHS:
+    return _ARCHS[c.family]
   if (c.family == "qwen2" and not (c.o_bias or c.mlp_bias)
       and c.num_heads * c.head_dim == c.hidden_size):
     return "qwen2"
@@ -103,7 +124,8 @@ def architecture(c: LlamaConfig) -> str:
 
 def tensor_plan(c: LlamaConfig, shapes: dict[str, tuple[int, ...]]) -> list[Tensor]:
   """Every stored tensor of the model with zoo parameter shapes `shapes`, in zoo's order."""
-  interleaved = architecture(c) == "llama"
+  # llama.cpp's llama and llama4 graphs rotate interleaved pairs (rope type NORM)
+  interleaved = architecture(c) in ("llama", "llama4") and not c.rope_interleaved
   out = []
   for zoo_name, shape in shapes.items():
     if zoo_name in _GLOBAL:
@@ -145,12 +167,58 @@ def context_length(c: LlamaConfig) -> int:
   return min([c.max_position_embeddings, *windows])
 
 
+def moe_step(c: LlamaConfig) -> int | None:
+  """The s for which the MoE layers are exactly those with (i + 1) % s == 0, or None."""
+  moe = {i for i in range(c.num_layers) if c.is_moe_layer(i)}
+  for s in range(1, c.num_layers + 1):
+    if moe == {i for i in range(c.num_layers) if (i + 1) % s == 0}:
+      return s
+  return None
+
+
+def _unlike_llamacpp(c: LlamaConfig) -> str | None:
+  """What llama.cpp's graph for `c`'s architecture computes differently, or None."""
+  arch = architecture(c)
+  if arch in ("qwen3", "qwen3moe", "llama4") and (c.qkv_bias or c.o_bias or c.mlp_bias):
+    return f"attention or MLP biases (llama.cpp's {arch} has none)"
+  if arch == "qwen3moe":
+    if c.moe_layers is not None:
+      return "dense layers among the MoE ones (moe_layers; llama.cpp's qwen3moe has MoE on all)"
+    if not c.norm_topk_prob:
+      return "norm_topk_prob False (llama.cpp's qwen3moe renormalises the top-k weights)"
+  if arch == "llama4":
+    chunked = {i for i in range(c.num_layers) if c.layer_chunk(i)}
+    nope = set(c.no_rope_layers)
+    pattern = {i for i in range(c.num_layers) if (i + 1) % LLAMA4_PERIOD}
+    if chunked and (c.attention_chunk_size != LLAMA4_CHUNK or chunked != pattern
+                    or nope != set(range(c.num_layers)) - pattern):
+      return (f"attention_chunk_size {c.attention_chunk_size} with these layer_types and "
+              f"no_rope_layers (llama.cpp's llama4 chunks by {LLAMA4_CHUNK} on three layers of "
+              "four and drops rotary on the fourth)")
+    if not chunked:
+      return ("Llama 4 without chunked attention (llama.cpp's llama4 runs only its chunked "
+              "pattern: without it, it stops on its temperature-scale check)")
+    if nope and (not c.attn_temperature_tuning or c.floor_scale != LLAMA4_FLOOR
+                 or c.attn_scale != LLAMA4_ATTN_SCALE):
+      return (f"attention temperature tuning other than on, floor_scale {LLAMA4_FLOOR:g}, "
+              f"attn_scale {LLAMA4_ATTN_SCALE} (llama.cpp's llama4 constants)")
+    if (c.qk_norm == "l2") != (c.num_experts != LLAMA4_NO_QK_NORM_EXPERTS):
+      return (f"qk_norm {c.qk_norm} with {c.num_experts} experts (llama.cpp's llama4 applies "
+              f"q/k norms unless a model has {LLAMA4_NO_QK_NORM_EXPERTS} experts)")
+    if moe_step(c) is None:
+      return "MoE layers that are not every s-th layer (llama.cpp's interleave_moe_layer_step)"
+  return None
+
+
 def check_exportable(c: LlamaConfig):
   """Raises a ZooError naming the first feature llama.cpp cannot compute as zoo does."""
   s = c.rope_scaling
   if s is not None and s.rope_type not in ("linear", "llama3"):
     raise ZooError(f"GGUF export does not support rope scaling {s.rope_type!r}: llama.cpp "
                    "does not compute it as transformers does (linear and llama3 are supported)")
+  different = _unlike_llamacpp(c)
+  if different:
+    raise ZooError(f"GGUF export does not support {different}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,6 +449,10 @@ def write_gguf(ckpt, path: str, dtype: str | None = None) -> list[str]:
   if c.num_experts:
     w.add_expert_count(c.num_experts)
     w.add_expert_used_count(c.num_experts_per_tok)
+  if arch in ("qwen3moe", "llama4"):
+    w.add_expert_feed_forward_length(c.expert_size)
+  if arch == "llama4":
+    w.add_interleave_moe_layer_step(moe_step(c))
   if c.rope_scaling is not None and c.rope_scaling.rope_type == "linear":
     w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     w.add_rope_scaling_factor(c.rope_scaling.factor)
