@@ -43,8 +43,11 @@ ADAPTER_META = "zoo_adapter.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_FORMAT_VERSION = 1
 # Module names a target list may use; "all-linear" means every projection but the output head.
+# The projections of an MoE layer's shared expert (Llama 4) are left out of those names and of
+# "all-linear", as the routed experts and the router are: "shared_expert" targets them.
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-OTHER_TARGETS = ("embed_tokens", "lm_head")
+OTHER_TARGETS = ("embed_tokens", "lm_head", "shared_expert")
+SHARED_EXPERT = ".shared_expert."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,11 +89,15 @@ class LoraSpec:
 
   def matches(self, path: str) -> bool:
     name = path.rsplit(".", 1)[-1]
+    shared = SHARED_EXPERT in f".{path}."
     for t in self.targets:
       if t.startswith("re:"):
         if re.fullmatch(t[3:], path):
           return True
-      elif t == name or (t == "all-linear" and name in LINEAR_TARGETS):
+      elif t == "shared_expert":
+        if shared:
+          return True
+      elif not shared and (t == name or (t == "all-linear" and name in LINEAR_TARGETS)):
         return True
     return False
 
@@ -135,7 +142,8 @@ def add_lora(model, spec: LoraSpec, *, seed: int = 0) -> list[str]:
   """Gives every targeted layer of `model` a fresh adapter (in place); returns their paths.
 
   A is drawn like peft's default (uniform in +-1/sqrt(in), Kaiming's bound with a = sqrt(5)),
-  B is zero; for the embedding A is zero and B normal. Experts (Mixtral) cannot be targets.
+  B is zero; for the embedding A is zero and B normal. Routed experts (Mixtral, Qwen3-MoE,
+  Llama 4) and q/k norms cannot be targets; a shared expert can ("shared_expert").
   A stacked module (scanned layers) gets stacked adapters, each slot's drawn as its layer's
   would be unstacked; a target that picks some of a stack's layers only is an error.
   """
@@ -269,7 +277,8 @@ def save_adapter(model, directory: str, spec: LoraSpec, *, base_model: str | Non
   if not weights:
     raise ZooError("the model has no LoRA adapters to save")
   meta = {"format": "zoo-lora", "version": ADAPTER_FORMAT_VERSION, "spec": spec.to_dict(),
-          "modules": adapted_paths(model), "base_model": base_model}
+          "modules": adapted_paths(model), "base_model": base_model,
+          "family": model.config.family}
   write_directory(directory, {ADAPTER_META: meta, ADAPTER_WEIGHTS: save(weights)}, force)
 
 
@@ -308,7 +317,7 @@ def read_adapter(directory: str, model) -> tuple[LoraSpec, dict[str, np.ndarray]
     spec, weights, _ = _read_zoo_adapter(directory)
   elif os.path.isfile(os.path.join(directory, PEFT_CONFIG)):
     spec = _spec_from(read_peft_config(directory), os.path.join(directory, PEFT_CONFIG))
-    weights = read_peft_weights(directory)
+    weights = read_peft_weights(directory, model.config.family)
   else:
     raise ZooError(f"{directory} has neither {ADAPTER_META} nor {PEFT_CONFIG}")
   _check_adapter(weights, spec, model, directory)
@@ -373,7 +382,8 @@ def save_peft(model, directory: str, spec: LoraSpec, *, base_model: str | None =
   scale = {m.lora_scale for _, m in _modules(model) if m.lora_a is not None}
   if scale and scale != {spec.scale}:
     raise ZooError("the model's adapters are merged or do not follow the spec; unmerge first")
-  write_peft(lora_state(model), directory, spec, base_model=base_model, force=force)
+  write_peft(lora_state(model), directory, spec, base_model=base_model, force=force,
+             family=model.config.family)
 
 
 def adapter_to_peft(src: str, dst: str, *, force: bool = False):
@@ -388,7 +398,8 @@ def adapter_to_peft(src: str, dst: str, *, force: bool = False):
         value.shape[1 if leaf == "lora_a" else 0] != spec.rank:
       raise ZooError(f"adapter {src}: bad weight {name} {tuple(value.shape)} for rank "
                      f"{spec.rank}")
-  write_peft(weights, dst, spec, base_model=meta.get("base_model"), force=force)
+  write_peft(weights, dst, spec, base_model=meta.get("base_model"), force=force,
+             family=meta.get("family", "llama"))
   return spec, weights
 
 

@@ -407,3 +407,53 @@ def test_quantized_base_is_sharded_by_the_rules(save_hf):
       run.append(float(metrics["loss"]))
     losses.append(run)
   np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+
+
+LLAMA4_TINY = dict(num_hidden_layers=4, intermediate_size=48, intermediate_size_mlp=96,
+                   num_local_experts=4, interleave_moe_layer_step=2, attention_chunk_size=16,
+                   floor_scale=4)
+QWEN3_MOE_TINY = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                      num_hidden_layers=3, mlp_only_layers=[1])
+NEW_FAMILIES = {
+  "qwen3": ("qwen3", dict(head_dim=32), ("all-linear",)),
+  "qwen3_moe": ("qwen3_moe", QWEN3_MOE_TINY, ("q_proj", "k_proj", "v_proj", "o_proj")),
+  "llama4": ("llama4", LLAMA4_TINY, ("all-linear",)),
+  "llama4_shared_expert": ("llama4", LLAMA4_TINY, ("q_proj", "gate_proj", "shared_expert")),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(NEW_FAMILIES))
+def test_new_families_adapters_load_in_peft(variant, save_hf, tmp_path):
+  """Adapters on Qwen3, Qwen3-MoE and Llama 4 (never on the routed experts, the router or the
+  q/k norms; on a shared expert only when it is asked for) give peft's logits on the HF model,
+  and come back into zoo from peft's files."""
+  family, overrides, targets = NEW_FAMILIES[variant]
+  hf_dir = save_hf(hf_model(family, **overrides))
+  model = zoo.load(hf_dir)
+  spec = lora.LoraSpec(rank=4, alpha=8, targets=targets)
+  paths = lora.add_lora(model, spec)
+  assert not any("norm" in p or p.endswith(".gate") or ".experts" in p for p in paths)
+  assert any("shared_expert" in p for p in paths) == ("shared_expert" in targets)
+  if family == "llama4":  # its dense MLPs are adapted
+    assert any(".mlp.gate_proj" in p for p in paths), paths
+  randomize_adapters(model)
+  x = tokens()
+  ours = model.logits(x)
+  assert np.abs(ours - zoo.load(hf_dir).logits(x)).max() > 0.1
+  lora.save_peft(model, str(tmp_path / "peft"), spec)
+  np.testing.assert_allclose(peft_logits(hf_dir, str(tmp_path / "peft"), x), ours, atol=1e-4,
+                             rtol=0)
+  np.testing.assert_allclose(zoo.load(hf_dir, adapter=str(tmp_path / "peft")).logits(x), ours,
+                             atol=1e-5, rtol=0)
+
+
+def test_qwen3_moe_dense_mlp_adapters_are_refused_by_the_peft_export(save_hf, tmp_path):
+  """peft (on transformers 5) reads a Qwen3-MoE `mlp.down_proj` target as the experts' fused
+  weights, so such an adapter would load into the wrong modules: the export says so instead."""
+  model = zoo.load(save_hf(hf_model("qwen3_moe", **QWEN3_MOE_TINY)))
+  spec = lora.LoraSpec(rank=4, alpha=8, targets=("all-linear",))
+  assert "layers.1.mlp.down_proj" in lora.add_lora(model, spec)
+  with pytest.raises(ZooError, match="peft cannot hold the adapter layers.1.mlp"):
+    lora.save_peft(model, str(tmp_path / "peft"), spec)
+  assert not (tmp_path / "peft").exists()
+  lora.save_adapter(model, str(tmp_path / "zoo"), spec)  # zoo's own format holds it

@@ -35,8 +35,8 @@ def random_batch(seed, batch=8, length=32, packed=True):
           "weights": weights.astype(np.float32)}
 
 
-def init_params(seed=0):
-  return nnx.split(Llama(CONFIG, rngs=nnx.Rngs(seed)), nnx.Param)[1].to_pure_dict()
+def init_params(seed=0, config=CONFIG):
+  return nnx.split(Llama(config, rngs=nnx.Rngs(seed)), nnx.Param)[1].to_pure_dict()
 
 
 def test_loss_is_weighted_cross_entropy_plus_z_loss():
@@ -115,17 +115,16 @@ def test_gradient_accumulation_equals_one_big_batch():
   assert int(one["step"]) == 1
 
 
-def run_steps(mesh_shape, steps=5, remat="none"):
+def run_steps(mesh_shape, steps=5, remat="none", config=CONFIG, rules=sharding.DEFAULT_RULES):
   """Losses of `steps` AdamW steps on a mesh, jitted with explicit shardings like the loop."""
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(mesh_shape, devices=devices)
-  rules = sharding.DEFAULT_RULES
-  model = abstract_model(CONFIG, remat=remat)
+  model = abstract_model(config, remat=remat)
   graphdef = nnx.split(model)[0]
   tx = optax.adamw(3e-3, weight_decay=0.1)
   params_sh = sharding.param_shardings(model, mesh, rules)
   rep = sharding.replicated(mesh)
-  params = jax.device_put(init_params(), params_sh)
+  params = jax.device_put(init_params(config=config), params_sh)
   shardings = state_shardings(tx, params, params_sh, rep)
   state = jax.jit(lambda p: init_state(p, tx, seed=0), out_shardings=shardings)(params)
   batch_sh = sharding.batch_sharding(mesh, rules)
@@ -162,6 +161,25 @@ def test_losses_agree_across_meshes(mesh_shape, single_device_losses):
   assert mu.addressable_shards[0].data.shape == (64 // fsdp, 64 // tensor)
   assert embedding.sharding.spec == P("tensor", "fsdp")
   assert embedding.addressable_shards[0].data.shape == (256 // tensor, 64 // fsdp)
+
+
+# Experts split over `data`, their dims over fsdp and tensor as every other weight's.
+EXPERT_RULES = tuple(("experts", "data") if name == "experts" else (name, rule)
+                     for name, rule in sharding.DEFAULT_RULES)
+
+
+@pytest.mark.parametrize("preset", ["tiny_qwen3_moe", "tiny_llama4"])
+def test_moe_steps_with_experts_sharded_equal_one_device(preset):
+  config = get_preset(preset, vocab_size=256, initializer_range=0.1)
+  one, _ = run_steps((1, 1, 1), config=config)
+  losses, state = run_steps((2, 2, 2), config=config, rules=EXPERT_RULES)
+  np.testing.assert_allclose(losses, one, atol=1e-5, rtol=0)
+  moe = next(layer for layer in state["params"]["layers"].values()
+             if "block_sparse_moe" in layer)["block_sparse_moe"]
+  w1 = moe["experts"]["w1"]
+  assert w1.sharding.spec == P("data", "fsdp", "tensor")
+  assert w1.addressable_shards[0].data.shape == (config.num_experts // 2, 64 // 2,
+                                                 config.expert_size // 2)
 
 
 def test_full_remat_on_a_mesh(single_device_losses):

@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+import zoo
 from tests.helpers import flags, losses, small_config, wait_for_step, zoo_train
 from zoo.cli import REPO_ROOT, main
 from zoo.convert.checkpoint import Checkpoint
@@ -314,3 +315,27 @@ def test_a_resumed_run_compiles_nothing_again(corpus, tmp_path):
   assert code == 0, err
   assert "resuming from the checkpoint at step 4" in err + out
   assert sorted(os.listdir(cache)) == first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny_qwen3", "tiny_qwen3_moe", "tiny_llama4"])
+def test_new_families_train_and_qlora_fine_tune(preset, corpus, tmp_path):
+  """`zoo train` pretrains each new family (shrunk), then QLoRA fine-tunes the result (NF4
+  base, adapters on every linear layer the targets allow) and exports its adapters."""
+  code, out, err = zoo_train(tmp_path / "base", *flags(
+      corpus, **{"model.preset": preset, "model.num_layers": 4, "model.num_kv_heads": 2,
+                 "train.steps": 3, "train.checkpoint_every": 3}))
+  assert code == 0, err
+  assert losses(tmp_path / "base")[3] > 0
+  targets = "q_proj+k_proj+v_proj+o_proj" if preset == "tiny_qwen3_moe" else "all-linear"
+  code, out, err = zoo_train(
+      tmp_path / "qlora", "--config.data.source=files", f"--config.data.files={corpus['files']}",
+      f"--config.data.data_dir={corpus['data_dir']}", "--config.data.seq_len=32",
+      "--config.data.batch_size=8", "--config.train.steps=2", "--config.train.sample_tokens=0",
+      "--config.optimizer.warmup_steps=0",
+      config=f"configs/lora.py:init_from={tmp_path / 'base' / 'model'},quantize=nf4,rank=4,"
+             f"targets={targets}")
+  assert code == 0, err
+  assert (tmp_path / "qlora" / "adapter_peft" / "adapter_config.json").exists()
+  model = zoo.load(str(tmp_path / "base" / "model"), adapter=str(tmp_path / "qlora" / "adapter"))
+  assert np.isfinite(model.logits(np.arange(16)[None])).all()
