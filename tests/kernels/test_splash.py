@@ -34,7 +34,8 @@ def inputs(b, t, n, kv, h, packed, seed=0):
 
 
 CASES = {
-  # name: (batch, length, heads, kv heads, head dim, window, packed)
+  # name: (batch, length, heads, kv heads, head dim, window, packed); a window ("chunk", n) is
+  # Llama 4's chunked attention instead
   "causal_gqa": (2, 128, 4, 2, 32, None, False),
   "mha": (1, 128, 4, 4, 16, None, False),
   "mqa": (2, 128, 4, 1, 16, None, False),
@@ -43,6 +44,8 @@ CASES = {
   "packed_window": (2, 128, 4, 2, 16, 20, True),
   "padded_length": (2, 200, 6, 2, 16, None, False),  # 200 -> 256, the block's multiple
   "padded_packed_window": (1, 77, 2, 1, 8, 16, True),
+  "chunked": (2, 128, 4, 2, 16, ("chunk", 48), False),
+  "padded_packed_chunked": (1, 77, 2, 1, 8, ("chunk", 32), True),
 }
 
 
@@ -50,10 +53,11 @@ CASES = {
 def test_values_and_gradients_equal_xla(case):
   b, t, n, kv, h, window, packed = CASES[case]
   q, k, v, seg = inputs(b, t, n, kv, h, packed)
+  mask = {"chunk": window[1]} if isinstance(window, tuple) else {"window": window}
 
   def loss(attend):
     def f(q, k, v):
-      out = attend(q, k, v, segment_ids=seg, window=window)
+      out = attend(q, k, v, segment_ids=seg, **mask)
       return jnp.sum(jnp.sin(out)), out
     return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
 
@@ -85,7 +89,8 @@ def test_sharded_over_a_mesh_equals_one_device():
 
 @pytest.mark.parametrize("variant", ["llama_gqa", "llama_mqa", "llama2_mha",
                                      "mistral_sliding_window", "qwen2_sliding_some_layers",
-                                     "mistral_no_window_head_dim"])
+                                     "mistral_no_window_head_dim", "llama4_interleave1",
+                                     "qwen3_tied_head_dim"])
 def test_whole_models_with_the_kernel_match_transformers(variant, save_hf):
   from tests.models.test_parity import VARIANTS  # noqa: PLC0415
   from tests.references import hf_logits, hf_model  # noqa: PLC0415

@@ -67,7 +67,7 @@ def test_moe_implementations_agree():
   dense = Llama(config, moe_impl="dense", rngs=nnx.Rngs(0)).layers[0].block_sparse_moe
   np.testing.assert_allclose(ragged(x), dense(x), atol=1e-5)
   # The reference: each token through its top-k experts, one at a time.
-  experts, weights = ragged.route(x.reshape(-1, config.hidden_size))
+  experts, weights, _ = ragged.route(x.reshape(-1, config.hidden_size))
   w1, w2, w3 = (np.asarray(w[...]) for w in (ragged.experts.w1, ragged.experts.w2,
                                              ragged.experts.w3))
   tokens = np.asarray(x).reshape(-1, config.hidden_size)
@@ -78,3 +78,18 @@ def test_moe_implementations_agree():
       want[n] += w * ((gate / (1 + np.exp(-gate)) * (token @ w3[e])) @ w2[e])
   np.testing.assert_allclose(np.asarray(ragged(x)).reshape(-1, config.hidden_size), want,
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny_qwen3_moe", "tiny_llama4"])
+def test_moe_implementations_agree_for_the_new_routers(preset):
+  """Qwen3-MoE's (softmax, renormalised or not) and Llama 4's routing (sigmoid scores scaling
+  the experts' inputs, a shared expert) give the same output run ragged or dense."""
+  for norm in (True, False):
+    config = get_preset(preset).replace(initializer_range=0.1, norm_topk_prob=norm,
+                                        num_experts_per_tok=2)
+    x = jax.random.normal(jax.random.key(3), (2, 9, config.hidden_size))
+    layer = next(i for i in range(config.num_layers) if config.is_moe_layer(i))
+    ragged = Llama(config, moe_impl="ragged", rngs=nnx.Rngs(0)).layers[layer].block_sparse_moe
+    dense = Llama(config, moe_impl="dense", rngs=nnx.Rngs(0)).layers[layer].block_sparse_moe
+    assert float(jnp.abs(ragged(x)).max()) > 0.1
+    np.testing.assert_allclose(ragged(x), dense(x), atol=1e-5)

@@ -151,3 +151,45 @@ def test_each_new_mechanism_changes_the_logits(variant, change, save_hf):
   params = {k: v for k, v in ckpt.params().items() if k in shapes}
   ours = from_params(config, params).logits(x)
   assert np.abs(ours - hf_logits(ref_model, x)).max() > 1e-2
+
+
+@pytest.mark.parametrize("family,overrides", [
+  ("qwen3_moe", dict(QWEN3_MOE, num_hidden_layers=3, mlp_only_layers=[1], norm_topk_prob=False)),
+  ("qwen3_moe", dict(QWEN3_MOE, norm_topk_prob=True)),
+  ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2)),
+])
+def test_router_aux_loss_matches_transformers(family, overrides, save_hf):
+  """The load-balancing loss joins the objective as transformers adds it (router_aux_loss_coef
+  with output_router_logits), and its gradient is the same through every remat."""
+  import jax
+  import torch
+  from zoo.train.step import batch_loss_sums
+  from flax import nnx
+  coef = 0.5
+  ref = hf_model(family, **overrides, output_router_logits=True, router_aux_loss_coef=coef)
+  x = tokens(length=24)
+  with torch.no_grad():
+    out = ref(torch.as_tensor(x), labels=torch.as_tensor(x))
+  assert float(out.aux_loss) > 1.0  # E * sum f P: 1 when perfectly balanced
+  b, t = x.shape
+  batch = {"tokens": x, "targets": np.concatenate([x[:, 1:], x[:, :1]], axis=1),
+           "positions": np.broadcast_to(np.arange(t), (b, t)),
+           "segment_ids": np.ones((b, t), np.int32),
+           "weights": np.concatenate([np.ones((b, t - 1)), np.zeros((b, 1))], axis=1)}
+  batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+  path = save_hf(ref)
+  grads = []
+  for remat in ("none", "full", "dots"):
+    graphdef, params = nnx.split(zoo.load(path, remat=remat))
+    params = params.to_pure_dict()
+
+    def objective(p):
+      total, _, weight = batch_loss_sums(graphdef, p, batch, router_aux=coef)
+      return total / weight
+
+    value, grad = jax.value_and_grad(objective)(params)
+    np.testing.assert_allclose(value, float(out.loss), rtol=1e-5)
+    grads.append(jax.tree.leaves(grad))
+  for other in grads[1:]:
+    for a, c in zip(grads[0], other):
+      np.testing.assert_allclose(a, c, atol=1e-5)

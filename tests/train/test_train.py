@@ -227,6 +227,8 @@ BAD = {
   "offload_on_cpu": (["--config.remat=offload_qkvo"], "needs TPU or GPU devices"),
   "unknown_remat": (["--config.remat=everything"], "unknown remat policy 'everything'"),
   "loss_chunk": (["--config.train.loss_chunk=24"], "train.loss_chunk 24 must be 0"),
+  "router_aux_on_a_dense_model": (["--config.train.router_aux_loss_coef=0.01"],
+                                  "applies to MoE models with softmax routing"),
 }
 
 

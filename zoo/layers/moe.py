@@ -58,21 +58,24 @@ class SparseMoE(nnx.Module):
                                intermediate_size=config.expert_size)
 
   def route(self, x):
-    """Top-k expert ids [..., k] and their weights [..., k] for tokens x [..., D]."""
+    """Top-k expert ids [..., k], their weights [..., k] and the routing probabilities
+    [..., E] (softmax routers; None for sigmoid ones) for tokens x [..., D]."""
     logits = self.gate(x)
     if self.router == "sigmoid":
       top, experts = jax.lax.top_k(logits, self.top_k)
-      return experts, jax.nn.sigmoid(top.astype(jnp.float32)).astype(self.dtype)
+      return experts, jax.nn.sigmoid(top.astype(jnp.float32)).astype(self.dtype), None
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, self.top_k)
     if self.norm_topk_prob:
       weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return experts, weights.astype(self.dtype)
+    return experts, weights.astype(self.dtype), probs
 
-  def __call__(self, x):
+  def __call__(self, x, router_mask=None):
+    """The block's output for x [B, T, D]; with `router_mask` [B, T] (1 for real tokens), also
+    its routing statistics for the load-balancing loss (`router_stats`)."""
     b, t, d = x.shape
     tokens = x.reshape(b * t, d).astype(self.dtype)
-    experts, weights = self.route(tokens)  # [N, k]
+    experts, weights, probs = self.route(tokens)  # [N, k]
     scale_inputs = self.router == "sigmoid"
     w1, w2, w3 = (w[...].astype(self.dtype) for w in
                   (self.experts.w1, self.experts.w2, self.experts.w3))
@@ -103,4 +106,26 @@ class SparseMoE(nnx.Module):
       out = jnp.sum(y if scale_inputs else y * weights[..., None], axis=1)
     if hasattr(self, "shared_expert"):
       out = out + self.shared_expert(tokens)
-    return out.reshape(b, t, d)
+    out = out.reshape(b, t, d)
+    if router_mask is None:
+      return out
+    return out, router_stats(experts, probs, router_mask.reshape(-1), self.num_experts)
+
+
+def router_stats(experts, probs, mask, num_experts: int) -> jax.Array:
+  """float32 [2E + 1]: the (masked) count of top-k picks of each expert, the sum of each
+  expert's routing probability, and the number of tokens, over one layer's tokens. Summed
+  over the layers they give `load_balancing_loss`."""
+  mask = mask.astype(jnp.float32)
+  counts = jnp.sum(jax.nn.one_hot(experts, num_experts, dtype=jnp.float32)
+                   * mask[:, None, None], axis=(0, 1))
+  return jnp.concatenate([counts, jnp.sum(probs * mask[:, None], axis=0), jnp.sum(mask)[None]])
+
+
+def load_balancing_loss(stats: jax.Array, num_experts: int) -> jax.Array:
+  """The auxiliary loss of Switch Transformers as transformers computes it for Mixtral and
+  Qwen3-MoE (`router_aux_loss_coef`): E * sum_e f_e P_e, with f_e the share of top-k picks and
+  P_e the mean routing probability of expert e over every MoE layer's tokens."""
+  e = num_experts
+  rows = jnp.maximum(stats[2 * e], 1.0)
+  return e * jnp.sum((stats[:e] / rows) * (stats[e:2 * e] / rows))

@@ -70,6 +70,7 @@ class DecoderLayer(nnx.Module):
   def __init__(self, config: LlamaConfig, layer: int, *, dtype, param_dtype,
                attention_impl=None, moe_impl="ragged", rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.num_experts = config.num_experts
     self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs, **kw)
     self.self_attn = Attention(config, layer, implementation=attention_impl, rngs=rngs, **kw)
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, rngs=rngs,
@@ -80,12 +81,20 @@ class DecoderLayer(nnx.Module):
       self.mlp = MLP(config, rngs=rngs, **kw)
 
   def __call__(self, x, cos, sin, segment_ids=None, cache=None, positions=None,
-               token_positions=None):
+               token_positions=None, router_mask=None):
+    """The layer's output; with `router_mask` [B, T] (training with the load-balancing loss),
+    (output, the MoE block's routing statistics, zeros for a dense layer)."""
     ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
     if positions is None:
       x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids,
                              token_positions=token_positions)
-      return x + ffn(checkpoint_name(self.post_attention_layernorm(x), "mlp_input"))
+      h = checkpoint_name(self.post_attention_layernorm(x), "mlp_input")
+      if router_mask is None:
+        return x + ffn(h)
+      if not hasattr(self, "block_sparse_moe"):
+        return x + ffn(h), jnp.zeros(2 * self.num_experts + 1, jnp.float32)
+      out, stats = ffn(h, router_mask)
+      return x + out, stats
     h, new = self.self_attn(self.input_layernorm(x), cos, sin, cache=cache, positions=positions)
     x = x + h
     return x + ffn(self.post_attention_layernorm(x)), new
@@ -145,37 +154,49 @@ class Llama(nnx.Module):
     return self.head(self.hidden_states(tokens, positions, segment_ids))
 
   def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None) -> jax.Array:
-    """The last layer's output [B, T, D], before the final norm and the head (`head`)."""
+                    segment_ids: jax.Array | None = None, router_stats: bool = False):
+    """The last layer's output [B, T, D], before the final norm and the head (`head`).
+
+    router_stats: also return the MoE layers' routing statistics summed over the layers and
+    the real tokens (segment id > 0), for `zoo.layers.moe.load_balancing_loss`.
+    """
     _, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), tokens.shape)
     cos, sin = rope_cos_sin(self.config, positions, self.dtype)
     # only the NoPE layers' temperature reads the positions themselves
     token_positions = positions if self.config.attn_temperature_tuning else None
+    router_mask = None
+    if router_stats:
+      router_mask = (jnp.ones(tokens.shape, jnp.float32) if segment_ids is None
+                     else (segment_ids > 0).astype(jnp.float32))
     x = constrain(self.embed_tokens(tokens), ("batch", "length", "embed"))  # [B, T, D]
+    stats = jnp.zeros(2 * self.config.num_experts + 1, jnp.float32)
     run = _apply_layer
     if self.remat == "full" and self.remat_impl == "custom_vjp":
       run = recompute
     elif self.remat != "none":
       run = nnx.remat(_apply_layer, policy=REMAT_POLICIES[self.remat])
-    def apply(layer, x):
-      return constrain(run(layer, x, cos, sin, segment_ids, token_positions),
-                       ("batch", "length", "embed"))
+    def apply(layer, x, stats):
+      out = run(layer, x, cos, sin, segment_ids, token_positions, router_mask)
+      if router_mask is not None:
+        out, layer_stats = out
+        stats = stats + layer_stats
+      return constrain(out, ("batch", "length", "embed")), stats
 
     if not self.scan_layers:
       for layer in self.layers:
-        x = apply(layer, x)
-      return x
+        x, stats = apply(layer, x, stats)
+      return (x, stats) if router_stats else x
     parts = [nnx.split(m) for m in self.stack]
 
-    def group(x, states):  # one step of the scan: the p layers of one slot, in order
+    def group(carry, states):  # one step of the scan: the p layers of one slot, in order
       for (graphdef, _), state in zip(parts, states):
-        x = apply(nnx.merge(graphdef, state), x)
-      return x, None
+        carry = apply(nnx.merge(graphdef, state), *carry)
+      return carry, None
 
-    x, _ = jax.lax.scan(group, x, [state for _, state in parts])
-    return x
+    (x, stats), _ = jax.lax.scan(group, (x, stats), [state for _, state in parts])
+    return (x, stats) if router_stats else x
 
   def decoder_layers(self) -> list[DecoderLayer]:
     """The decoder layers in order, as modules (a stacked model's sliced out of its stacks)."""
@@ -238,8 +259,9 @@ def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
   return nnx.merge(graphdef, nnx.from_flat_state(stacked))
 
 
-def _apply_layer(layer, x, cos, sin, segment_ids, token_positions=None):
-  return layer(x, cos, sin, segment_ids, token_positions=token_positions)
+def _apply_layer(layer, x, cos, sin, segment_ids, token_positions=None, router_mask=None):
+  return layer(x, cos, sin, segment_ids, token_positions=token_positions,
+               router_mask=router_mask)
 
 
 def _zero_cotangent(a):
@@ -248,8 +270,8 @@ def _zero_cotangent(a):
   return np.zeros(a.shape, jax.dtypes.float0)
 
 
-def recompute(layer, x, cos, sin, segment_ids, token_positions=None):
-  """`layer(x, cos, sin, segment_ids, token_positions=...)`, keeping only its inputs for the backward pass, which
+def recompute(layer, x, cos, sin, segment_ids, token_positions=None, router_mask=None):
+  """`layer(x, cos, sin, segment_ids, token_positions=..., router_mask=...)`, keeping only its inputs for the backward pass, which
   runs the layer again to get its gradients (remat "full").
 
   `jax.checkpoint` marks its recomputation with optimization barriers, which XLA:CPU removes
@@ -258,13 +280,16 @@ def recompute(layer, x, cos, sin, segment_ids, token_positions=None):
   neither hoist nor merge, so a step holds one layer's intermediates at a time on every backend.
   """
   graphdef, state = nnx.split(layer)
-  flat, tree = jax.tree.flatten((state, x, cos, sin, segment_ids, token_positions))
+  flat, tree = jax.tree.flatten((state, x, cos, sin, segment_ids, token_positions,
+                                 router_mask))
   n_state = len(jax.tree.leaves(state))
   inexact = [jnp.issubdtype(a.dtype, jnp.inexact) for a in flat]
 
   def apply(flat):
-    state, x, cos, sin, segment_ids, token_positions = jax.tree.unflatten(tree, flat)
-    return nnx.merge(graphdef, state)(x, cos, sin, segment_ids, token_positions=token_positions)
+    state, x, cos, sin, segment_ids, token_positions, router_mask = jax.tree.unflatten(tree,
+                                                                                      flat)
+    return nnx.merge(graphdef, state)(x, cos, sin, segment_ids, token_positions=token_positions,
+                                      router_mask=router_mask)
 
   @jax.custom_vjp
   def run(flat):
@@ -274,7 +299,7 @@ def recompute(layer, x, cos, sin, segment_ids, token_positions=None):
     return apply(flat), flat
 
   def backward(flat, g):
-    zero = after(g)
+    zero = after(jax.tree.leaves(g)[0])
     # the activations start the recomputation; weights are read as they are (a quantized one
     # is tied to its input inside `quantized_matmul`)
     flat = [a + zero.astype(a.dtype) if i >= n_state and inexact[i] else a

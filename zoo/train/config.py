@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
       # The loss makes the logits this many tokens of each row at a time and again in the
       # backward pass, so the whole [batch, length, vocab] never exists; 0: all at once.
       loss_chunk=0,
+      # MoE models with softmax routing (Mixtral, Qwen3-MoE): this multiple of the
+      # load-balancing loss (transformers' router_aux_loss_coef) joins the objective; 0: off
+      router_aux_loss_coef=0.0,
       log_every=10,
       eval_every=50,
       eval_batches=8,

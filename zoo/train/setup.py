@@ -233,6 +233,10 @@ def prepare(config, workdir: str, *, with_data: bool = True, devices=None) -> Ru
   if config.data.seq_len > model_config.max_position_embeddings:
     raise ZooError(f"data.seq_len {config.data.seq_len} is longer than the model allows "
                    f"({model_config.max_position_embeddings})")
+  aux = config.train.router_aux_loss_coef
+  if aux < 0 or (aux and not (model_config.num_experts and model_config.router == "softmax")):
+    raise ZooError(f"train.router_aux_loss_coef {aux} must be >= 0 and applies to MoE models "
+                   "with softmax routing (Mixtral, Qwen3-MoE) only")
   scan = bool(config.scan_layers)
   if scan and scan_period(model_config) is None:
     scan = False
@@ -371,7 +375,8 @@ def build(run: Run, *, load_base: bool = True) -> Trainer:
   train_step = jax.jit(
       make_train_step(graphdef, tx, schedule, z_loss=config.train.z_loss,
                       grad_accum=config.train.grad_accum, dropout=dropout,
-                      loss_chunk=config.train.loss_chunk),
+                      loss_chunk=config.train.loss_chunk,
+                      router_aux=config.train.router_aux_loss_coef),
       in_shardings=(shardings, batch_sharding, *base_shardings),
       out_shardings=(shardings, rep), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(graphdef, loss_chunk=config.train.loss_chunk),

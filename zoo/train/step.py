@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from zoo.layers.moe import load_balancing_loss
 from zoo.lora import set_dropout_rng
 from zoo.models.loss import Batch, byte_sum, chunked_loss_sums
 
@@ -69,17 +70,24 @@ def forward(graphdef: nnx.GraphDef, params: dict, batch: Batch, base: dict | Non
 
 def batch_loss_sums(graphdef: nnx.GraphDef, params: dict, batch: Batch, base: dict | None = None,
                     dropout_rng: jax.Array | None = None, *, z_loss: float = 0.0,
-                    loss_chunk: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+                    loss_chunk: int = 0, router_aux: float = 0.0
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`loss_sums(forward(...), batch, z_loss)`, the logits made `loss_chunk` tokens of each row
-  at a time (0: all at once; zoo.models.loss.chunked_loss_sums)."""
+  at a time (0: all at once; zoo.models.loss.chunked_loss_sums). router_aux > 0 adds that
+  multiple of an MoE model's load-balancing loss to the objective's mean."""
   model = _model(graphdef, params, base, dropout_rng)
-  hidden = model.hidden_states(batch["tokens"], batch["positions"], batch["segment_ids"])
-  return chunked_loss_sums(model.head, hidden, batch, z_loss, loss_chunk)
+  args = (batch["tokens"], batch["positions"], batch["segment_ids"])
+  if not router_aux:
+    return chunked_loss_sums(model.head, model.hidden_states(*args), batch, z_loss, loss_chunk)
+  hidden, stats = model.hidden_states(*args, router_stats=True)
+  total, nll, weight = chunked_loss_sums(model.head, hidden, batch, z_loss, loss_chunk)
+  aux = load_balancing_loss(stats, model.config.num_experts)
+  return total + router_aux * aux * weight, nll, weight
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, z_loss: float = 0.0, grad_accum: int = 1,
-                    dropout: bool = False, loss_chunk: int = 0):
+                    dropout: bool = False, loss_chunk: int = 0, router_aux: float = 0.0):
   """The train step for a model graph and optimizer.
 
   With grad_accum > 1 the batch is split into that many microbatches (every grad_accum-th row,
@@ -89,12 +97,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   dropout=True (LoRA dropout): each step draws its masks from a key folded from the state's
   rng and step (and the microbatch), so a resumed run draws the same masks.
 
-  loss_chunk > 0 makes the logits that many tokens of each row at a time (batch_loss_sums).
+  loss_chunk > 0 makes the logits that many tokens of each row at a time (batch_loss_sums);
+  router_aux > 0 adds the MoE load-balancing loss with that coefficient.
   """
 
   def objective(params, batch, base, key):
     total, nll, weight = batch_loss_sums(graphdef, params, batch, base, key, z_loss=z_loss,
-                                         loss_chunk=loss_chunk)
+                                         loss_chunk=loss_chunk, router_aux=router_aux)
     return total, (nll, weight)
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
