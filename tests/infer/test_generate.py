@@ -236,3 +236,20 @@ def test_sharded_generation_equals_single_device(save_hf):
   assert cache[0]["k"].sharding.spec[1] == "tensor"  # [batch, kv_heads, slots, head_dim]
   assert "data" in cache[0]["k"].sharding.spec[0]
   assert generator.generate(batch, max_new_tokens=20) == expected
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "mistral_window_8", "llama4_chunk_16"])
+def test_several_new_tokens_after_a_cache_equal_the_full_forward(variant, save_hf):
+  """Tokens decoded several at a time after a filled cache (as a scored continuation is) see
+  the cache and each other as the full forward pass does."""
+  from zoo.layers.attention import write_cache
+  family, overrides = VARIANTS[variant]
+  model = zoo.load(save_hf(hf_model(family, **overrides)))
+  seq = jnp.asarray(np.random.default_rng(3).integers(0, 128, (2, 30)), jnp.int32)
+  full = model.logits(np.asarray(seq))
+  positions = jnp.broadcast_to(jnp.arange(30, dtype=jnp.int32), (2, 30))
+  _, first = model.decode(seq[:, :20], positions[:, :20], None)
+  cache = [write_cache({n: jnp.zeros((2, kv[n].shape[1], 32, kv[n].shape[3])) for n in kv}, kv,
+                       jnp.zeros(2, jnp.int32)) for kv in first]
+  hidden, _ = model.decode(seq[:, 20:], positions[:, 20:], cache)
+  np.testing.assert_allclose(np.asarray(model.head(hidden)), full[:, 20:], atol=1e-4, rtol=0)

@@ -109,7 +109,8 @@ def cached_attention(q, k, v, cache: dict | None, positions, window: int | None,
   values = [vn]
   if cache is not None:
     slots = jnp.arange(cache["k"].shape[2])[None, None, :]
-    masks.insert(0, slots < positions[:, :1, None])
+    masks.insert(0, jnp.broadcast_to(slots < positions[:, :1, None],
+                                     (b, t, cache["k"].shape[2])))
     scores.insert(0, jnp.einsum("bkqh,bksh->bkqs", qh, cache["k"].astype(q.dtype)))
     values.insert(0, cache["v"].astype(q.dtype))
   keys = ([slots] if cache is not None else []) + [key_pos]
