@@ -34,8 +34,9 @@ LAYERS = [
   # Evaluation and training share the loss of zoo.models.loss; the train loop samples its
   # model's text with zoo.infer's Generator, and inference imports nothing of zoo.train.
   ["zoo.infer", "zoo.train"],
-  # zoo.plan compiles what zoo.train.setup builds, for TPU slices.
-  ["zoo.distributed", "zoo.launch", "zoo.plan", "zoo", "zoo.cli"],
+  # zoo.plan compiles what zoo.train.setup builds, for TPU slices. zoo.harness (the
+  # lm-evaluation-harness backend) loads models through the `zoo` facade.
+  ["zoo.distributed", "zoo.launch", "zoo.plan", "zoo", "zoo.harness", "zoo.cli"],
 ]
 RANK = {node: i for i, node in enumerate(n for level in LAYERS for n in level)}
 

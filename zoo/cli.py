@@ -7,6 +7,7 @@
     zoo init PRESET DST [--to zoo|hf|meta] [--seed 0]
     zoo generate --checkpoint DIR (--prompt TEXT | --prompt-ids 1,2,3) [--chat] [--json] ...
     zoo eval --checkpoint DIR --data FILES_OR_TFDS_NAME [--seq-len N] [--batch-size N]
+    zoo eval --checkpoint DIR --tasks hellaswag,arc_easy [--num-fewshot K] [--limit N] ...
     zoo presets
     zoo demo [--workdir DIR]
 
@@ -27,7 +28,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import zoo
-from zoo import distributed, launch, paths
+from zoo import distributed, harness, launch, paths
 from zoo.convert.checkpoint import convert, detect_format
 from zoo.convert.random_init import init_checkpoint
 from zoo.convert.verify import compare, compare_gguf
@@ -249,7 +250,30 @@ def cmd_export(args) -> int:
   return 0
 
 
+# `zoo eval` flags of one mode only: (flag, attribute, its default).
+_PERPLEXITY_FLAGS = (("--seq-len", "seq_len", None), ("--split", "split", "validation"),
+                     ("--data-dir", "data_dir", None), ("--text-key", "text_key", "text"),
+                     ("--no-bos", "no_bos", False))
+_TASK_FLAGS = (("--num-fewshot", "num_fewshot", None), ("--limit", "limit", None),
+               ("--include-path", "include_path", None), ("--output", "output", None),
+               ("--apply-chat-template", "apply_chat_template", False),
+               ("--bootstrap-iters", "bootstrap_iters", 100000),
+               ("--max-gen-toks", "max_gen_toks", 256), ("--mesh", "mesh", None),
+               ("--seed", "seed", 0))
+
+
 def cmd_eval(args) -> int:
+  if (args.data is None) == (args.tasks is None):
+    raise ZooError("eval: give exactly one of --data FILES (perplexity) and --tasks NAMES "
+                   "(lm-evaluation-harness tasks)")
+  mode, other = (_TASK_FLAGS, _PERPLEXITY_FLAGS) if args.tasks else (_PERPLEXITY_FLAGS,
+                                                                     _TASK_FLAGS)
+  for flag, attr, default in other:
+    if getattr(args, attr) != default:
+      raise ZooError(f"eval: {flag} applies to --{'data' if args.tasks else 'tasks'}, not "
+                     f"--{'tasks' if args.tasks else 'data'}")
+  if args.tasks:
+    return _eval_tasks(args)
   model, tokenizer = _load_for_inference(args)
   if tokenizer is None:
     raise ZooError(f"eval: {args.checkpoint} has no tokenizer (tokenizer.json or "
@@ -271,6 +295,37 @@ def cmd_eval(args) -> int:
           f"{result['tokens']} tokens, {result['documents']} documents)")
     print(f"bits per byte {result['bits_per_byte']:.4f} over {result['bytes']} bytes (the "
           f"same documents: gzip -9 {baseline['gzip']:.4f}, xz -9e {baseline['xz']:.4f})")
+  return 0
+
+
+def _eval_tasks(args) -> int:
+  """`zoo eval --tasks`: lm-evaluation-harness's tasks on the checkpoint (zoo.harness)."""
+  tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+  if args.num_fewshot is not None and args.num_fewshot < 0:
+    raise ZooError(f"eval: --num-fewshot must be >= 0, got {args.num_fewshot}")
+  limit = args.limit
+  if limit is not None:
+    try:  # the harness's --limit: a count of documents, or a fraction of them below 1
+      limit = float(limit) if "." in limit else int(limit)
+    except ValueError:
+      raise ZooError(f"eval: --limit must be a number, got {limit!r}") from None
+  include_path = paths.localize(args.include_path) if args.include_path else None
+  harness.check_tasks(tasks, include_path)  # before the model loads
+  lm = harness.ZooLM(args.checkpoint, adapter=args.adapter, tokenizer=args.tokenizer,
+                     batch_size=args.batch_size, dtype=args.dtype, mesh=args.mesh,
+                     max_gen_toks=args.max_gen_toks, seed=args.seed, progress=not args.json)
+  results = harness.run_tasks(lm, tasks, num_fewshot=args.num_fewshot, limit=limit,
+                              include_path=include_path,
+                              apply_chat_template=args.apply_chat_template,
+                              bootstrap_iters=args.bootstrap_iters,
+                              log_samples=args.output is not None, seed=args.seed)
+  written = harness.write_results(results, args.output) if args.output else []
+  if args.json:
+    print(json.dumps(harness.summary(results)))
+  else:
+    print(harness.results_table(results))
+    for path in written:
+      print(f"wrote {path}")
   return 0
 
 
@@ -433,11 +488,31 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--adapter", help="a LoRA adapter directory (zoo's or HF peft's) to apply")
   g.set_defaults(func=cmd_generate)
 
-  e = sub.add_parser("eval", help="perplexity of a checkpoint on text")
+  e = sub.add_parser("eval", help="perplexity of a checkpoint on text (--data), or "
+                     "lm-evaluation-harness tasks (--tasks)")
   e.add_argument("--checkpoint", required=True, help="a zoo or HF checkpoint directory")
-  e.add_argument("--data", required=True,
+  e.add_argument("--data",
                  help="text files (comma-separated globs; .jsonl: one document per line) or "
                       "a prepared TFDS dataset name")
+  e.add_argument("--tasks", help="lm-evaluation-harness tasks, comma-separated (hellaswag,"
+                 "arc_easy,...; needs zoo[eval])")
+  e.add_argument("--num-fewshot", type=int, help="--tasks: few-shot examples per prompt "
+                 "(default: each task's own)")
+  e.add_argument("--limit", help="--tasks: at most this many documents per task (below 1: "
+                 "that fraction of them)")
+  e.add_argument("--include-path", help="--tasks: a directory of task YAML files of your own")
+  e.add_argument("--output", help="--tasks: write results.json and each task's logged "
+                 "requests (samples_TASK.jsonl) in this directory")
+  e.add_argument("--apply-chat-template", action="store_true",
+                 help="--tasks: wrap prompts in the tokenizer's chat template")
+  e.add_argument("--bootstrap-iters", type=int, default=100000,
+                 help="--tasks: bootstrap resamples for the standard errors (0: none)")
+  e.add_argument("--max-gen-toks", type=int, default=256,
+                 help="--tasks: generation budget of tasks that set none (default 256)")
+  e.add_argument("--mesh", help="--tasks: shard the model over the devices, e.g. fsdp=-1 or "
+                 "fsdp=4,tensor=2 (default: one device)")
+  e.add_argument("--seed", type=int, default=0, help="--tasks: seed of few-shot sampling and "
+                 "of sampled generation")
   e.add_argument("--split", default="validation", help="TFDS split (default validation)")
   e.add_argument("--data-dir", help="TFDS data directory (default ~/tensorflow_datasets)")
   e.add_argument("--text-key", default="text", help="JSONL/TFDS text field (default text)")

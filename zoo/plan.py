@@ -246,8 +246,8 @@ def _local_chip(devices) -> Chip | None:
 
 
 def _abstract_args(trainer: Trainer) -> tuple:
-  base = () if trainer.lora is None else (trainer.lora.base,)
-  return (trainer.abstract_state, trainer.abstract_batch(), *base)
+  # the LoRA base and a DPO reference tree, as shapes (build's load_base=False)
+  return (trainer.abstract_state, trainer.abstract_batch(), *trainer.frozen)
 
 
 def _sequences_per_chip(run) -> float:

@@ -198,16 +198,21 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_intact(corpus, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
 def test_every_config_runs_a_step_shrunk(config, corpus, tmp_path):
-  args = "shrink"
-  if config in ("finetune.py", "lora.py"):
+  args, files = "shrink", corpus["files"]
+  if config in ("finetune.py", "lora.py", "dpo.py"):
     # fine-tuning needs a checkpoint with a tokenizer: make one from a tiny trained run
     base = tmp_path / "base"
     assert main(["train", "--config", "configs/default.py", "--workdir", str(base),
                  *flags(corpus, **{"train.steps": 1, "train.checkpoint_every": 1,
                                    "optimizer.warmup_steps": 0})]) == 0
     args = f"shrink,init_from={base / 'model'}"
+  if config == "dpo.py":  # preference tuning reads JSONL pairs
+    files = str(tmp_path / "pairs.jsonl")
+    with open(files, "w") as f:
+      for i in range(16):
+        f.write(json.dumps({"prompt": f"def f{i}(", "chosen": "x):", "rejected": "y)"}) + "\n")
   argv = ["train", "--config", f"configs/{config}:{args}", "--workdir", str(tmp_path / "run"),
-          f"--config.data.source=files", f"--config.data.files={corpus['files']}",
+          f"--config.data.source=files", f"--config.data.files={files}",
           f"--config.data.data_dir={corpus['data_dir']}", "--config.train.steps=1",
           "--config.train.sample_tokens=2"]
   assert main(argv) == 0

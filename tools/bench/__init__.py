@@ -5,6 +5,7 @@
     python tools/bench.py decode [--batches 1,8] [--new-tokens 64] [--rounds 5]
     python tools/bench.py lora [--steps 3] [--rank 16] [--model small|medium]
     python tools/bench.py plan [--configs llama3_8b,lora] [--no-peer]
+    python tools/bench.py dpo [--steps 2] [--rounds 3] [--vocab 32000] [--batch 4] [--no-peer]
 
 `train` times zoo's jitted train step (AdamW, float32) on a tiny LLaMA against transformers'
 LlamaForCausalLM in torch eager with torch.optim.AdamW, each in its own process, alternating,
@@ -25,6 +26,12 @@ bf16.
 Cloud TPU slice its docstring names, the fine-tuning configs with Llama 3 8B's config.json, and
 on MaxText's Llama 3.1 8B v6e recipe shape as the peer: per-chip memory against HBM, whether it
 fits, compile time and the roofline MFU bound.
+
+`dpo` times zoo's DPO step (full, then LoRA on every linear layer) on the train benchmark's
+model shape against TRL's DPOTrainer step (its collator and loss, torch.optim.AdamW) on the same
+transformers model in torch eager (a DPO step written in transformers where TRL is missing),
+interleaved, and reports each kind's peak RSS, with LoRA-DPO's over full DPO's against LoRA
+SFT's over full SFT's on the same model.
 
 Human-readable lines first; the last line of a successful run is one JSON object with the
 results, so that scripts can read it with `tail -n 1`. MB means MiB (2**20 bytes) throughout.

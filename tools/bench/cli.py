@@ -11,8 +11,12 @@ import tempfile
 
 import bench
 from bench import convert, decode, lora, plan, train
+from bench import lm_eval as harness_mode
+from bench import dpo as dpo_mode
 
 MODES = {"convert": convert, "train": train, "decode": decode, "lora": lora, "plan": plan}
+MODES["harness"] = harness_mode
+MODES["dpo"] = dpo_mode
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ import numpy as np
 from absl import flags
 
 from zoo.data.instruct import InstructFormatter
+from zoo.data.preference import preference_pipeline
 from zoo.data.sources import field, source_id, text_source
 from zoo.data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
 from zoo.errors import ZooError
@@ -178,7 +179,8 @@ def data_pipeline(data_cfg: Any, tokenizer: Tokenizer, split: str, *, data_dir: 
                   template_dir: str | None = None) -> grain.DatasetIterator:
   """Batches of `split` for this process; `data_cfg.batch_size` is the global batch size.
   With `data_cfg.format` "instruct", examples are formatted with the chat template found in
-  `template_dir` (if it has one) and only the responses are trained on."""
+  `template_dir` (if it has one) and only the responses are trained on; "preference" gives
+  batches of preference pairs (zoo.data.preference)."""
   batch_size = field(data_cfg, "batch_size")
   seq_len = field(data_cfg, "seq_len")
   if not isinstance(batch_size, int) or batch_size < 1:
@@ -186,6 +188,10 @@ def data_pipeline(data_cfg: Any, tokenizer: Tokenizer, split: str, *, data_dir: 
   if batch_size % process_count:
     raise ZooError(f"data.batch_size {batch_size} is not divisible by the "
                    f"{process_count} processes")
+  if field(data_cfg, "format", "text") == "preference":  # pairs for DPO: [batch, 2, seq_len]
+    return preference_pipeline(data_cfg, tokenizer, split, data_dir=data_dir,
+                               process_index=process_index, process_count=process_count,
+                               repeat=repeat, template_dir=template_dir)
   source = text_source(data_cfg, split, data_dir)
   formatter = None
   if field(data_cfg, "format", "text") == "instruct":

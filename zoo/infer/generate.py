@@ -291,12 +291,14 @@ class Generator:
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
                sampling: Sampling = Sampling(), seed: int = 0,
                stop_ids: Sequence[int] = (), pad_id: int = 0,
-               on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None
+               on_tokens: Callable[[np.ndarray, np.ndarray], np.ndarray | None] | None = None
                ) -> list[list[int]]:
     """New token ids for each prompt (a list of token ids): up to `max_new_tokens`, ending at
     (and including) the first of `stop_ids`, and never past the model's maximum length.
 
-    on_tokens(tokens [B], active [B]) is called with each step's tokens as they come.
+    on_tokens(tokens [B], active [B]) is called with each step's tokens as they come. It may
+    return a boolean [B] (or None): the rows it marks end after this token, as at a stop id
+    (stop strings checked on the text as it streams).
     """
     prompts = self.check_prompts(prompts)
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -324,6 +326,7 @@ class Generator:
     out: list[list[int]] = [[] for _ in range(b)]
     active = np.ones(b, bool)
     counts = np.zeros(b, np.int64)  # len(out[i])
+    retired = [False]  # whether on_tokens ended rows the device still runs
 
     def take(tokens: np.ndarray) -> None:
       """Hands one step's tokens [B] to the rows still generating, and retires rows."""
@@ -331,9 +334,11 @@ class Generator:
       for i in np.flatnonzero(active):
         out[i].append(int(tokens[i]))
       counts[active] += 1
-      if on_tokens is not None:
-        on_tokens(tokens, active.copy())
+      ended = None if on_tokens is None else on_tokens(tokens, active.copy())
       active = active & ~np.isin(tokens, stop) & (counts < budget)
+      if ended is not None and np.any(np.asarray(ended, bool) & active):
+        active = active & ~np.asarray(ended, bool)
+        retired[0] = True
 
     with self._context():
       prefill, chunk = self._sampler(sampling)
@@ -352,6 +357,9 @@ class Generator:
         # host; a chunk queued after every row has stopped ends at once (no live rows).
         if steps_left > 0 and len(pending) < 2:
           n = min(size, steps_left, MAX_CHUNK)
+          if retired[0]:  # rows on_tokens ended stop on the device too
+            state = (*state[:4], state[4] & self._place(active), state[5])
+            retired[0] = False
           tokens_out, done, state = chunk(self.params, key, stop_dev, jnp.int32(n), state)
           pending.append((tokens_out, done, n))
           steps_left -= n

@@ -47,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
       tfds_name="",  # a prepared TFDS dataset, for source=tfds
       text_key="text",
       format="text",  # text | instruct (JSONL prompt/completion or chat messages, see zoo.data.instruct)
+      # | preference (JSONL prompt/chosen/rejected pairs, zoo.data.preference): trains with DPO
       chat_template="",  # a directory with the chat template; default the tokenizer's / init_from
       eval_fraction=0.02,
       data_dir="",  # where datasets and tokenizers are built; default WORKDIR/data
@@ -64,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
       # "rows" (every process runs the whole pipeline and keeps its rows of each global batch:
       # the batches, and the data position in checkpoints, do not depend on the process count).
       shard="documents",
+      # format preference: the most prompt tokens kept when a pair does not fit seq_len (cut
+      # from the left; the completions are then cut from the right); 0: half of seq_len
+      max_prompt_len=0,
   ))
   c.optimizer = optimizer_defaults()
   c.train = ml_collections.ConfigDict(dict(
@@ -101,6 +105,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.lora = ml_collections.ConfigDict(dict(
       rank=0, alpha=16.0, targets="q_proj,v_proj", dropout=0.0, rslora=False,
       quantize="none", block_size=64))
+  # Preference tuning (data.format preference, zoo.train.preference): loss sigmoid (DPO), ipo,
+  # hinge or simpo (reference-free, length-normalised, target margin gamma); label_smoothing
+  # (conservative DPO, sigmoid and simpo); sft_weight: that multiple of the chosen completions'
+  # mean token NLL joins the loss (RPO); reference: the frozen reference checkpoint ("": the
+  # init_from checkpoint, or with LoRA the base with the adapters off).
+  c.dpo = ml_collections.ConfigDict(dict(
+      loss="sigmoid", beta=0.1, label_smoothing=0.0, sft_weight=0.0, gamma=0.5, reference=""))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = tuple(DEFAULT_RULES)
   return c
@@ -223,8 +234,16 @@ def check_config(config: ml_collections.ConfigDict):
   if set_("data.vocab_size") and (config.data.tokenizer or config.init_from):
     where = "data.tokenizer" if config.data.tokenizer else "init_from"
     raise ZooError(f"data.vocab_size is set, but the tokenizer comes from {where}")
-  if set_("data.chat_template") and config.data.format != "instruct":
-    raise ZooError("data.chat_template is set, but data.format is not 'instruct'")
+  if set_("data.chat_template") and config.data.format not in ("instruct", "preference"):
+    raise ZooError("data.chat_template is set, but data.format is not 'instruct' or "
+                   "'preference'")
+  if config.data.format != "preference":
+    for name in values:
+      if (name.startswith("dpo.") or name == "data.max_prompt_len") and set_(name):
+        raise ZooError(f"{name} is set, but data.format is not 'preference' (no DPO)")
+  elif set_("dpo.gamma") and config.dpo.loss != "simpo":
+    raise ZooError(f"dpo.gamma is set, but dpo.loss is {config.dpo.loss!r}: the target margin "
+                   "is SimPO's (dpo.loss simpo)")
 
 
 def config_path(value: str) -> str:

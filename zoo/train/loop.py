@@ -33,6 +33,8 @@ from zoo.models import stack
 from zoo.train.checkpoint import Checkpointer
 from zoo.train.heartbeat import Heartbeat
 from zoo.train.metrics import MetricsWriter, flops_per_token, measure_peak_flops, mfu
+from zoo.train.preference import PAIR_METRICS
+from zoo.train.preference import evaluate as evaluate_pairs
 from zoo.train.setup import Trainer, build, prepare
 from zoo.train.step import State
 
@@ -68,7 +70,8 @@ def train(config, workdir: str) -> dict:
     for step in range(start + 1, tcfg.steps + 1):
       # Dispatched without waiting: the device runs it while the host logs the step before
       # and loads the next batch.
-      state, out = trainer.train_step(state, trainer.global_batch(next(data)), *trainer.base)
+      state, out = trainer.train_step(state, trainer.global_batch(next(data)),
+                                      *trainer.frozen)
       pending.add(step, out)
       evaluating = bool(tcfg.eval_every) and (step % tcfg.eval_every == 0 or step == tcfg.steps)
       if not (evaluating or checkpoints.due(step) or stop.signal or step == tcfg.steps):
@@ -79,10 +82,9 @@ def train(config, workdir: str) -> dict:
       # This step's state is kept (evaluated or saved): its loss must be known first.
       extra = evaluate(trainer, state["params"], token_bytes) if evaluating else None
       heartbeat.beat(pending.log(keep=0, extra=extra))
-      if extra:
-        summary.update(eval_loss=extra["eval_loss"], eval_bpb=extra["eval_bpb"])
-        summary.setdefault("first_eval_loss", extra["eval_loss"])
-        summary.setdefault("first_eval_bpb", extra["eval_bpb"])
+      for key, value in (extra or {}).items():  # eval_loss and eval_bpb; DPO's eval_*
+        summary[key] = value
+        summary.setdefault(f"first_{key}", value)
       if checkpoints.save(step, state, data, meta, force=stop.signal is not None):
         last_saved = step
         metrics.sync()
@@ -151,6 +153,8 @@ class PendingSteps:
                        f"at step {step}; stopping ({self.stop_words()})")
       self.losses[step] = values["loss"]
       record = {"loss": values["loss"], **self.throughput.update(step, values)}
+      # a preference run's pair metrics (dpo_loss, rewards, ...), every step as the loss
+      record.update({k: v for k, v in values.items() if k in PAIR_METRICS})
       if len(self.steps) == keep and extra:
         record.update(extra)
       self.metrics.write(step, record)
@@ -173,7 +177,9 @@ def last_checkpoint_words(step: int | None, workdir: str) -> str:
 def evaluate(trainer: Trainer, params, token_bytes: jax.Array) -> dict:
   """eval_loss (mean nats per token) and eval_bpb (bits per byte of the text) over
   train.eval_batches held-out batches; the split repeats if it is smaller, so that every
-  process runs the same number of steps."""
+  process runs the same number of steps. A preference run's: zoo.train.preference.evaluate."""
+  if trainer.dpo is not None:
+    return evaluate_pairs(trainer, params)
   batches = trainer.run.data("validation")
   nll = weight = num_bytes = 0.0
   for _ in range(trainer.run.config.train.eval_batches):

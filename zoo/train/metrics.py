@@ -177,6 +177,8 @@ def plot_losses(metrics_jsonl_path: str, png_path: str) -> None:
     raise ZooError(f"no metrics log at {metrics_jsonl_path}")
   series: dict[str, dict[int, float]] = {"loss": {}, "eval_loss": {}}
   for record in read_metrics(metrics_jsonl_path):
+    if "eval_loss" not in record and "eval_dpo_loss" in record:  # a preference run's eval
+      record = dict(record, eval_loss=record["eval_dpo_loss"])
     for key, points in series.items():
       if isinstance(record.get(key), (int, float)):
         points[record["step"]] = float(record[key])  # a repeated step: the last one wins

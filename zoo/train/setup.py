@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from zoo import paths, sharding
 from zoo.convert.checkpoint import Checkpoint, checkpoint_config
 from zoo.data.instruct import template_dir_for
+from zoo.data.preference import check_preference_data
 from zoo.data.pipeline import data_pipeline, tokenizer_for
 from zoo.data.tokenizers import Tokenizer, load_tokenizer, token_bytes
 from zoo.errors import ZooError
@@ -40,6 +41,8 @@ from zoo.models.stack import is_stacked, scan_period
 from zoo.train.checkpoint import load_tree
 from zoo.train.config import check_config
 from zoo.train.optim import make_optimizer
+from zoo.train.preference import (DpoSpec, PairModels, dpo_spec, make_dpo_eval_step,
+                                  make_dpo_train_step)
 from zoo.train.step import State, init_state, make_eval_step, make_train_step, state_shardings
 
 
@@ -60,6 +63,10 @@ class Run:
   data_dir: str
   attention_impl: str  # resolved for the devices' platform
   scan_layers: bool  # resolved for the model's layers (zoo.models.stack.scan_period)
+  # Preference tuning (data.format preference): the losses' settings, and what checking every
+  # pair found per split (zoo.data.preference.PairStats; None for a run built without data).
+  dpo: DpoSpec | None = None
+  pair_stats: dict | None = None
 
   @property
   def platform(self) -> str:
@@ -133,6 +140,17 @@ def _check_train_fields(config):
                    f"({length}) or cover it")
   make_optimizer(config.optimizer, schedule_steps(config))  # checks the optimizer fields
   lora_spec(config)  # checks the LoRA fields
+  spec = dpo_spec(config)  # checks the DPO fields
+  if spec is not None:
+    if not config.init_from:
+      raise ZooError("data.format preference (DPO) tunes a checkpoint: set init_from")
+    if config.data.source != "files":
+      raise ZooError("data.format preference reads JSONL files: set data.source files and "
+                     "data.files")
+    if config.train.router_aux_loss_coef:
+      raise ZooError("train.router_aux_loss_coef is not applied by the DPO step; leave it 0")
+    if config.train.z_loss:
+      raise ZooError("train.z_loss is not applied by the DPO step; leave it 0")
 
 
 def _mesh_and_rules(config, devices=None) -> tuple[jax.sharding.Mesh, tuple]:
@@ -203,11 +221,17 @@ def prepare(config, workdir: str, *, with_data: bool = True, devices=None) -> Ru
     data_dir = paths.local_copy(paths.resolve(remote_data))
   data_dir = os.path.expanduser(data_dir)
   tokenizer = None
+  preference = config.data.format == "preference"
   if with_data:
     os.makedirs(data_dir, exist_ok=True)
 
     def build_data():  # the datasets and the tokenizer, built once and cached in data_dir
-      if config.data.tokenizer or config.init_from:
+      if preference and not config.data.tokenizer:
+        try:  # pre-tokenized pairs need none; text pairs say so when they meet its absence
+          tokenizer = load_tokenizer(config.init_from)
+        except ZooError:
+          tokenizer = None
+      elif config.data.tokenizer or config.init_from:
         tokenizer = load_tokenizer(config.data.tokenizer or config.init_from)
       else:
         tokenizer = tokenizer_for(config.data, data_dir)
@@ -237,13 +261,44 @@ def prepare(config, workdir: str, *, with_data: bool = True, devices=None) -> Ru
   if aux < 0 or (aux and not (model_config.num_experts and model_config.router == "softmax")):
     raise ZooError(f"train.router_aux_loss_coef {aux} must be >= 0 and applies to MoE models "
                    "with softmax routing (Mixtral, Qwen3-MoE) only")
+  spec, pair_stats = dpo_spec(config), None
+  if spec is not None:
+    _check_reference(spec, model_config)
+    if spec.reference and not spec.uses_reference and jax.process_index() == 0:
+      print(f"zoo: note: dpo.loss simpo uses no reference model; dpo.reference "
+            f"{spec.reference} is not read", file=sys.stderr)
+    if with_data:
+      splits = ("train", "validation") if config.train.eval_every else ("train",)
+      pair_stats = check_preference_data(
+          config.data, tokenizer, splits, data_dir=data_dir,
+          template_dir=template_dir_for(config.data, config.init_from),
+          vocab_size=model_config.vocab_size, verbose=jax.process_index() == 0)
   scan = bool(config.scan_layers)
   if scan and scan_period(model_config) is None:
     scan = False
     if jax.process_index() == 0:
       print("zoo: note: scan_layers is on, but the model's layers differ (per-layer attention "
             "windows) without a repeating group; they run unrolled", file=sys.stderr)
-  return Run(config, workdir, model_config, tokenizer, mesh, rules, data_dir, attention, scan)
+  return Run(config, workdir, model_config, tokenizer, mesh, rules, data_dir, attention, scan,
+             spec, pair_stats)
+
+
+def _check_reference(spec: DpoSpec, model_config: LlamaConfig):
+  """A separate DPO reference must be the policy's architecture, vocabulary included."""
+  if not (spec.reference and spec.uses_reference):
+    return
+  if paths.is_remote(spec.reference):
+    process_zero_first(lambda: paths.localize(spec.reference))
+  ref = checkpoint_config(spec.reference).to_dict()
+  ours = model_config.to_dict()
+  if ref.get("vocab_size") != ours.get("vocab_size"):
+    raise ZooError(f"the reference {spec.reference} has a vocabulary of {ref.get('vocab_size')} "
+                   f"tokens, the policy (init_from) {ours.get('vocab_size')}: a reference must "
+                   "score the same tokens")
+  for name in sorted(set(ref) | set(ours)):
+    if ref.get(name) != ours.get(name):
+      raise ZooError(f"the reference {spec.reference} is another architecture than the policy "
+                     f"(init_from): {name} {ref.get(name)!r} vs {ours.get(name)!r}")
 
 
 @dataclasses.dataclass
@@ -251,10 +306,13 @@ class Trainer:
   """A run made ready to step: the model graph, the optimizer, where every array lives, and
   the two jitted steps.
 
-  train_step(state, batch, *base) -> (state, metrics) donates the state;
-  eval_step(params, batch, token_bytes, *base) -> {"nll_sum", "weight", "bytes"}.
+  train_step(state, batch, *frozen) -> (state, metrics) donates the state;
+  eval_step(params, batch, token_bytes, *frozen) -> {"nll_sum", "weight", "bytes"}.
   `base` is () for a full run and (the frozen base tree,) for LoRA, whose state's params are the
-  adapters; `lora` holds the LoRA trees (with the base read from init_from).
+  adapters; `lora` holds the LoRA trees (with the base read from init_from). `frozen` is the
+  base and, for preference tuning with a reference tree of its own, that tree
+  (`reference`: never differentiated or checkpointed); `dpo` is then the losses' settings, the
+  batches are pairs ([B, 2, T]) and the eval step returns zoo.train.preference's sums.
   """
   run: Run
   graphdef: nnx.GraphDef
@@ -266,10 +324,17 @@ class Trainer:
   lora: LoraTrees | None
   train_step: Callable
   eval_step: Callable
+  dpo: DpoSpec | None = None
+  reference: dict | None = None
 
   @property
   def base(self) -> tuple:
     return () if self.lora is None else (self.lora.base,)
+
+  @property
+  def frozen(self) -> tuple:
+    """The steps' inputs after the batch: the LoRA base, then a DPO reference tree."""
+    return self.base + (() if self.reference is None else (self.reference,))
 
   @property
   def lora_spec(self) -> LoraSpec | None:
@@ -296,6 +361,8 @@ class Trainer:
   def abstract_batch(self) -> dict:
     """The global batch as ShapeDtypeStructs laid out by the rules (for compiling ahead)."""
     shape = (self.run.config.data.batch_size, self.run.config.data.seq_len)
+    if self.dpo is not None:  # pairs: chosen and rejected rows
+      shape = (shape[0], 2, shape[1])
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.batch_sharding)
             for k, dtype in BATCH_DTYPES.items()}
 
@@ -328,17 +395,24 @@ def _placed_shapes(abstract: dict, shardings: dict, convert=None) -> dict:
   return jax.tree_util.tree_map_with_path(one, abstract, shardings)
 
 
+def _quantizer(config) -> Callable | None:
+  """QLoRA's convert(name, array) for load_tree: the base quantized as it arrives."""
+  if config.lora.quantize == "none":
+    return None
+
+  def quantize(name, array):
+    return quantize_leaf(name, array, config.lora.quantize, config.lora.block_size,
+                         stacked=is_stacked(name))
+  return quantize
+
+
 def _lora_trees(run: Run, load_base: bool) -> LoraTrees:
   """The LoRA split with its base read from init_from, quantized as it arrives for QLoRA
   (load_base=False: the base's shapes and shardings only)."""
   config = run.config
   trees = split_for_training(run.model_config, lora_spec(config), run.mesh, run.rules,
                              seed=config.train.seed, **model_kwargs(run))
-  quantize = None
-  if config.lora.quantize != "none":
-    def quantize(name, array):
-      return quantize_leaf(name, array, config.lora.quantize, config.lora.block_size,
-                           stacked=is_stacked(name))
+  quantize = _quantizer(config)
   if load_base:
     base = load_tree(config.init_from, trees.base, trees.base_shardings, quantize)
   else:
@@ -372,6 +446,9 @@ def build(run: Run, *, load_base: bool = True) -> Trainer:
                           abstract, shardings)
   batch_sharding = sharding.batch_sharding(run.mesh, run.rules)
   dropout = spec is not None and spec.dropout > 0
+  if run.dpo is not None:
+    return _build_dpo(run, tx, schedule, graphdef, lora, shardings, abstract, base_shardings,
+                      dropout, load_base)
   train_step = jax.jit(
       make_train_step(graphdef, tx, schedule, z_loss=config.train.z_loss,
                       grad_accum=config.train.grad_accum, dropout=dropout,
@@ -384,3 +461,42 @@ def build(run: Run, *, load_base: bool = True) -> Trainer:
   return Trainer(run, graphdef, tx, schedule, shardings, abstract, batch_sharding, lora,
                  train_step, eval_step)
 
+
+
+def _build_dpo(run: Run, tx, schedule, graphdef, lora: LoraTrees | None, shardings: State,
+               abstract: State, base_shardings: tuple, dropout: bool, load_base: bool
+               ) -> Trainer:
+  """The Trainer of a preference run: batches of pairs, and the reference as a frozen tree of
+  its own (full fine-tuning, or LoRA with dpo.reference), as the LoRA base under the plain
+  model's graph (adapters off), or none (SimPO)."""
+  config, spec = run.config, run.dpo
+  rep = sharding.replicated(run.mesh)
+  plain = abstract_model(run.model_config, **model_kwargs(run))
+  plain_graphdef, plain_params = nnx.split(plain, nnx.Param)
+  plain_params = plain_params.to_pure_dict()
+  own = spec.uses_reference and (lora is None or bool(spec.reference))
+  reference, frozen_shardings = None, base_shardings
+  if own:
+    convert = None if lora is None else _quantizer(config)
+    ref_shardings = sharding.param_shardings(plain, run.mesh, run.rules)
+    source = spec.reference or config.init_from
+    if load_base:
+      reference = load_tree(source, plain_params, ref_shardings, convert)
+    else:
+      reference = _placed_shapes(plain_params, ref_shardings, convert)
+    frozen_shardings = base_shardings + (jax.tree.map(lambda x: x.sharding, reference),)
+  models = PairModels(graphdef, plain_graphdef if spec.uses_reference else None,
+                      lora=lora is not None, own_reference=own)
+  batch_spec = sharding.batch_sharding(run.mesh, run.rules).spec
+  pair_sharding = jax.sharding.NamedSharding(
+      run.mesh, jax.sharding.PartitionSpec(batch_spec[0], None, *batch_spec[1:]))
+  chunk = config.train.loss_chunk
+  train_step = jax.jit(
+      make_dpo_train_step(spec, models, tx, schedule, grad_accum=config.train.grad_accum,
+                          dropout=dropout, loss_chunk=chunk),
+      in_shardings=(shardings, pair_sharding, *frozen_shardings),
+      out_shardings=(shardings, rep), donate_argnums=0)
+  eval_step = jax.jit(make_dpo_eval_step(spec, models, loss_chunk=chunk),
+                      in_shardings=(shardings["params"], pair_sharding, rep, *frozen_shardings))
+  return Trainer(run, graphdef, tx, schedule, shardings, abstract, pair_sharding, lora,
+                 train_step, eval_step, dpo=spec, reference=reference)
