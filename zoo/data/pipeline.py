@@ -25,7 +25,7 @@ from absl import flags
 
 from zoo.data.instruct import InstructFormatter
 from zoo.data.preference import preference_pipeline
-from zoo.data.sources import field, source_id, text_source
+from zoo.data.sources import field, process_share, source_id, text_source
 from zoo.data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
 from zoo.errors import ZooError
 
@@ -130,17 +130,8 @@ def make_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
   bos = _special(tokenizer, "bos_id", "add_bos") if add_bos else None
   eos = _special(tokenizer, "eos_id", "add_eos") if add_eos else None
 
-  ds = grain.MapDataset.source(source)
-  if len(ds) == 0:
-    raise ZooError("the data source has no documents")
-  ds = ds[process_index::process_count]
-  if len(ds) == 0:
-    raise ZooError(f"process {process_index} of {process_count} gets no documents: the data "
-                   "source has fewer documents than processes")
-  if shuffle:
-    ds = ds.shuffle(seed=int(seed))  # reseeded for every epoch by the repeat below
-  if repeat:
-    ds = ds.repeat()
+  ds = process_share(source, process_index, process_count, shuffle=shuffle, seed=seed,
+                     repeat=repeat, what="documents")
   ds = ds.map(_Tokenize(tokenizer, bos, eos, formatter))
   it = grain.experimental.FlatMapIterDataset(ds.to_iter_dataset(), _Pieces(int(seq_len)))
   lengths = {"tokens": int(seq_len), "targets": int(seq_len), "weights": int(seq_len)}

@@ -48,7 +48,8 @@ from absl import flags
 
 from zoo.data.chat import load_chat_template, render_chat
 from zoo.data.instruct import ROLES, encode_special
-from zoo.data.sources import TextFilesConfig, ZooText, field, match_files
+from zoo.data.sources import (TextFilesConfig, ZooText, field, json_lines, match_files,
+                              process_share)
 from zoo.errors import ZooError
 
 LAYOUTS = ("text", "messages", "ids")
@@ -241,18 +242,6 @@ def pair_rows(prompt: list, chosen: list, rejected: list, seq_len: int) -> dict:
 
 # --- the source -------------------------------------------------------------------------------
 
-def _json_lines(path: str):
-  """(line number, parsed value) of each non-blank line of a JSONL file."""
-  with open(path, "rb") as f:
-    for lineno, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        yield lineno, json.loads(line)
-      except ValueError:
-        raise ZooError(f"{path}:{lineno}: not a JSON line") from None
-
-
 class ZooPreferences(ZooText, skip_registration=True):
   """JSONL preference records (one pair a line), checked as they are built and kept in the
   files' order (with data.shuffle False the batches follow it); split by id hash as ZooText."""
@@ -274,7 +263,7 @@ class ZooPreferences(ZooText, skip_registration=True):
       if not path.endswith(".jsonl"):
         raise ZooError(f"data.format 'preference' reads JSONL files, not {path}")
       doc_id = os.path.relpath(path, base)
-      for lineno, record in _json_lines(path):
+      for lineno, record in json_lines(path):
         yield f"{doc_id}:{lineno}", json.dumps(check_pair(record, f"{path}:{lineno}"))
 
 
@@ -409,17 +398,8 @@ def make_pair_batches(source, encoder: PairEncoder, *, seq_len: int, batch_size:
       raise ZooError(f"{name} must be a positive integer, got {value!r}")
   if not 0 <= seed < 2**32:
     raise ZooError(f"seed must be in [0, 2**32), got {seed}")
-  ds = grain.MapDataset.source(source)
-  if len(ds) == 0:
-    raise ZooError("the data source has no preference pairs")
-  ds = ds[process_index::process_count]
-  if len(ds) == 0:
-    raise ZooError(f"process {process_index} of {process_count} gets no pairs: there are "
-                   "fewer pairs than processes")
-  if shuffle:
-    ds = ds.shuffle(seed=int(seed))  # reseeded for every epoch by the repeat below
-  if repeat:
-    ds = ds.repeat()
+  ds = process_share(source, process_index, process_count, shuffle=shuffle, seed=seed,
+                     repeat=repeat, what="preference pairs")
   ds = ds.map(_PairRows(encoder, int(seq_len), int(max_prompt)))
   it = ds.to_iter_dataset().batch(
     int(batch_size), batch_fn=functools.partial(grain.experimental.batch_and_pad,

@@ -15,6 +15,7 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import grain
 import tensorflow_datasets as tfds
 
 from zoo.data.instruct import check_record
@@ -41,7 +42,26 @@ def split_of(doc_id: str, eval_fraction: float) -> str:
   return "validation" if _unit_hash(doc_id) < eval_fraction else "train"
 
 
-def _json_lines(path: str) -> Iterator[tuple[int, Any]]:
+def process_share(source, process_index: int, process_count: int, *, shuffle: bool, seed: int,
+                  repeat: bool, what: str):
+  """This process's share of a random-access `source` as a grain MapDataset: every
+  process_count-th record from process_index, shuffled (reseeded every epoch by the repeat)
+  and repeated as asked. `what` names the records in the errors."""
+  ds = grain.MapDataset.source(source)
+  if len(ds) == 0:
+    raise ZooError(f"the data source has no {what}")
+  ds = ds[process_index::process_count]
+  if len(ds) == 0:
+    raise ZooError(f"process {process_index} of {process_count} gets no {what}: the data "
+                   f"source has fewer {what} than processes")
+  if shuffle:
+    ds = ds.shuffle(seed=int(seed))
+  if repeat:
+    ds = ds.repeat()
+  return ds
+
+
+def json_lines(path: str) -> Iterator[tuple[int, Any]]:
   """(line number, parsed value) of each non-blank line of a JSONL file."""
   with open(path, "rb") as f:
     for lineno, line in enumerate(f, 1):
@@ -63,13 +83,13 @@ def read_documents(path: str, doc_id: str, text_key: str = "text", fmt: str = "t
   if fmt == "instruct":
     if not path.endswith(".jsonl"):
       raise ZooError(f"data.format 'instruct' reads JSONL files, not {path}")
-    for lineno, record in _json_lines(path):
+    for lineno, record in json_lines(path):
       yield f"{doc_id}:{lineno}", json.dumps(check_record(record, f"{path}:{lineno}"))
     return
   if fmt != "text":
     raise ZooError(f"unknown data.format {fmt!r}: expected text or instruct")
   if path.endswith(".jsonl"):
-    for lineno, record in _json_lines(path):
+    for lineno, record in json_lines(path):
       if not isinstance(record, dict) or text_key not in record:
         raise ZooError(f"{path}:{lineno}: no {text_key!r} field (set the data text_key)")
       text = record[text_key]
