@@ -36,7 +36,7 @@ from zoo.data.chat import render_chat
 from zoo.data.tokenizers import load_tokenizer
 from zoo.errors import ZooError
 from zoo.infer.evaluate import compressed_bits_per_byte, documents, perplexity
-from zoo.infer.generate import Generator, Sampling
+from zoo.infer.generate import Generator, Sampling, generation_config_eos
 from zoo.lora import adapter_to_peft
 from zoo.models.presets import PRESETS
 from zoo.plan import format_plan, plan
@@ -171,16 +171,7 @@ def _stop_ids(args, model, tokenizer) -> list[int]:
     return sorted(ids)
   if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
     ids.add(int(tokenizer.eos_id))
-  path = os.path.join(args.checkpoint, "generation_config.json")
-  if os.path.isfile(path):
-    try:
-      with open(path, encoding="utf-8") as f:
-        eos = json.load(f).get("eos_token_id")
-    except (OSError, ValueError, AttributeError):
-      eos = None
-    for value in eos if isinstance(eos, list) else [eos]:
-      if isinstance(value, int):
-        ids.add(value)
+  ids.update(generation_config_eos(args.checkpoint))
   return sorted(ids)
 
 

@@ -39,7 +39,8 @@ from zoo import paths, sharding
 from zoo.data.chat import load_chat_template, render_chat
 from zoo.data.tokenizers import HFTokenizer, load_tokenizer
 from zoo.errors import ZooError
-from zoo.infer.generate import MIN_PROMPT_BUCKET, Generator, Sampling, greedy
+from zoo.infer.generate import (MIN_PROMPT_BUCKET, Generator, Sampling, generation_config_eos,
+                                greedy)
 from zoo.io import staged_file
 from zoo.layers.attention import write_cache
 
@@ -344,15 +345,7 @@ class ZooLM(TemplateLM):
     ids = {self.tokens.eos_id} if self.tokens.eos_id is not None else set()
     eos = self.config.eos_token_id
     ids.update(eos if isinstance(eos, tuple) else [eos] if eos is not None else [])
-    path = os.path.join(local, "generation_config.json")
-    if os.path.isfile(path):
-      try:
-        with open(path, encoding="utf-8") as f:
-          value = json.load(f).get("eos_token_id")
-      except (OSError, ValueError, AttributeError):
-        value = None
-      ids.update(v for v in (value if isinstance(value, list) else [value])
-                 if isinstance(v, int))
+    ids.update(generation_config_eos(local))
     return sorted(i for i in ids if 0 <= i < self.config.vocab_size)
 
   # Log-likelihoods.

@@ -25,7 +25,7 @@ from absl import flags
 
 from zoo.data.instruct import InstructFormatter
 from zoo.data.preference import preference_pipeline
-from zoo.data.sources import field, process_share, source_id, text_source
+from zoo.data.sources import field, process_share, rows_split, source_id, text_source
 from zoo.data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
 from zoo.errors import ZooError
 
@@ -111,12 +111,8 @@ def make_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
   `shard="rows"`: every process reads every document and keeps rows [i * batch_size,
   (i + 1) * batch_size) of each global batch of process_count * batch_size rows.
   """
-  if shard not in ("documents", "rows"):
-    raise ZooError(f"data.shard must be documents or rows, got {shard!r}")
-  rows_of = None
-  if shard == "rows":  # the global pipeline, then this process's block of rows
-    rows_of = (process_index * batch_size, (process_index + 1) * batch_size)
-    batch_size, process_index, process_count = batch_size * process_count, 0, 1
+  rows_of, batch_size, process_index, process_count = rows_split(
+      shard, batch_size, process_index, process_count)
   for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
                       ("process_count", process_count)):
     if not isinstance(value, (int, np.integer)) or value < 1:

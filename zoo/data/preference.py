@@ -49,7 +49,7 @@ from absl import flags
 from zoo.data.chat import load_chat_template, render_chat
 from zoo.data.instruct import ROLES, encode_special
 from zoo.data.sources import (TextFilesConfig, ZooText, field, json_lines, match_files,
-                              process_share)
+                              process_share, rows_split)
 from zoo.errors import ZooError
 
 LAYOUTS = ("text", "messages", "ids")
@@ -386,12 +386,8 @@ def make_pair_batches(source, encoder: PairEncoder, *, seq_len: int, batch_size:
   `seed` (in the source's order with shuffle False). `repeat=False` ends after one pass, its
   last batch padded with empty pairs (weights 0). `shard="rows"`: every process reads every
   pair and keeps its block of each global batch (see zoo.data.pipeline.make_batches)."""
-  if shard not in ("documents", "rows"):
-    raise ZooError(f"data.shard must be documents or rows, got {shard!r}")
-  rows_of = None
-  if shard == "rows":
-    rows_of = (process_index * batch_size, (process_index + 1) * batch_size)
-    batch_size, process_index, process_count = batch_size * process_count, 0, 1
+  rows_of, batch_size, process_index, process_count = rows_split(
+      shard, batch_size, process_index, process_count)
   for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
                       ("process_count", process_count)):
     if not isinstance(value, (int, np.integer)) or value < 1:

@@ -42,6 +42,19 @@ def split_of(doc_id: str, eval_fraction: float) -> str:
   return "validation" if _unit_hash(doc_id) < eval_fraction else "train"
 
 
+def rows_split(shard: str, batch_size: int, process_index: int, process_count: int):
+  """How processes share a pipeline, data.shard "documents" (each reads its share of the
+  records: `process_share`) or "rows" (each runs the global pipeline and keeps its block of
+  rows): (rows_of, batch_size, process_index, process_count) to build with, rows_of being
+  (start, end) of the rows this process keeps, or None."""
+  if shard not in ("documents", "rows"):
+    raise ZooError(f"data.shard must be documents or rows, got {shard!r}")
+  if shard == "documents":
+    return None, batch_size, process_index, process_count
+  return ((process_index * batch_size, (process_index + 1) * batch_size),
+          batch_size * process_count, 0, 1)
+
+
 def process_share(source, process_index: int, process_count: int, *, shuffle: bool, seed: int,
                   repeat: bool, what: str):
   """This process's share of a random-access `source` as a grain MapDataset: every

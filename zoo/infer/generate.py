@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -28,6 +30,20 @@ from zoo import sharding
 from zoo.errors import ZooError
 from zoo.layers.attention import CACHE_AXES, write_cache
 from zoo.layers.linear import row_kernel
+
+
+def generation_config_eos(directory: str) -> list[int]:
+  """The eos ids of a checkpoint directory's generation_config.json (none when it has no such
+  file, or one that cannot be read)."""
+  path = os.path.join(directory, "generation_config.json")
+  if not os.path.isfile(path):
+    return []
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f).get("eos_token_id")
+  except (OSError, ValueError, AttributeError):
+    return []
+  return [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
 
 # Prompt lengths are padded up to a power of two of at least this, cache lengths to a multiple
 # of CACHE_BUCKET, so that a handful of compiled programs serve every request.
