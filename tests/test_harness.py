@@ -16,7 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from tests.references import randomize
+from tests.references import HF_CLASSES, randomize
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -262,8 +262,8 @@ def test_zoolm_equals_the_hf_backend_request_by_request(setup, reference):
   lm = ZooLM(setup["zoo"], batch_size=8, progress=False)
   results = evaluate(lm, setup)
   assert_same(results, reference)
-  # the choices of a question continued one KV cache of it; other requests ran whole
-  assert {kind for kind, _ in lm._scorers} == {"prefix", "after", "whole"}
+  # the choices of a question continued one KV cache of it; other requests ran packed
+  assert set(lm._scorers) == {"prefix", "after", "packed"}
   # what the comparison covered: truncated requests, several windows, cut generations
   mc = reference["samples"]["zoo_mc"]
   longest = max(len(lm.tok_encode(s["arguments"][0][0] + s["arguments"][0][1])) for s in mc)
@@ -277,6 +277,35 @@ def test_zoolm_equals_the_hf_backend_request_by_request(setup, reference):
   assert len(set(generated)) > 3  # the prompts lead to different texts
   # some generations end at a stop string, before the 12-token budget
   assert any(len(lm.tok_encode(g, add_special_tokens=False)) < 10 for g in generated)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,overrides,packed", [
+  # sliding windows of 16 inside rows that pack several requests
+  ("mistral", dict(sliding_window=16), True),
+  # chunks of 16 positions: counted in the row, so requests run one a row, unpacked
+  ("llama4", dict(num_hidden_layers=4, intermediate_size=48, intermediate_size_mlp=96,
+                  num_local_experts=4, num_experts_per_tok=1, attention_chunk_size=16,
+                  floor_scale=4, attn_scale=0.1, head_dim=16), False),
+])
+def test_windowed_and_chunked_attention_equal_the_hf_backend(setup, tmp_path, family,
+                                                              overrides, packed):
+  hf_dir, zoo_dir = str(tmp_path / "hf"), str(tmp_path / "zoo")
+  config = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_LENGTH,
+                bos_token_id=1, eos_token_id=2, pad_token_id=3)
+  config_cls, model_cls = (getattr(transformers, n) for n in HF_CLASSES[family])
+  torch.manual_seed(0)
+  model = randomize(model_cls(config_cls(**{**config, **overrides})), std=0.1).eval()
+  model.save_pretrained(hf_dir)
+  transformers.AutoTokenizer.from_pretrained(setup["hf"]).save_pretrained(hf_dir)
+  convert(hf_dir, zoo_dir, "zoo")
+  tasks = ["zoo_mc", "zoo_ll", "zoo_ppl"]
+  case = dict(setup, hf=hf_dir)
+  reference = hf_results(case, tasks=tasks)
+  lm = ZooLM(zoo_dir, batch_size=8, progress=False)
+  assert_same(evaluate(lm, setup, tasks=tasks), reference, tasks=tasks)
+  assert set(lm._scorers) == {"prefix", "after", "packed" if packed else "whole"}
 
 
 @pytest.mark.slow

@@ -12,9 +12,12 @@ tokenization, BOS handling, left truncation and rolling windows), so the numbers
 `lm_eval --model hf` on the same weights; how it computes them is zoo's own:
 - log-likelihoods: requests sorted by length and batched into power-of-two (batch, length)
   buckets, one compiled program per bucket, one forward pass per batch that returns only each
-  token's log-probability and whether it was the greedy choice (never the [B, T, vocab]
-  log-softmax), the next batch queued while the last one's results are read; requests that
-  share their context (a question's choices) run it once, into a KV cache each continues;
+  scored token's log-probability and whether it was the greedy choice (the head runs on the
+  scored positions only, never making the [B, T, vocab] log-softmax), the next batch queued
+  while the last one's results are read; requests that share their context (a question's
+  choices) run it once, into a KV cache that they continue, batched by continuation length;
+  the other requests are packed first fit, several to a row, each in a segment of its own at
+  its own positions, so that short requests do not pad to a bucket one a row;
 - generation: zoo's KV-cache Generator, a batch of prompts at a time, with the stop strings
   checked on the text as tokens stream, so that a row ends at its stop string;
 - on a mesh (`mesh=`), parameters, batches and caches are laid out by zoo's rules table.
@@ -22,6 +25,7 @@ tokenization, BOS handling, left truncation and rolling windows), so the numbers
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 import json
@@ -42,7 +46,6 @@ from zoo.errors import ZooError
 from zoo.infer.generate import (MIN_PROMPT_BUCKET, Generator, Sampling, generation_config_eos,
                                 greedy)
 from zoo.io import staged_file
-from zoo.layers.attention import write_cache
 
 try:  # the `eval` extra: without it zoo works, and ZooLM says how to install it
   import lm_eval
@@ -64,6 +67,11 @@ SCORE_LOGITS = 2**26
 # Tokens per log-likelihood batch on a CPU (max_batch_tokens): on the bench's 58M model a row
 # of 2048 tokens takes 0.94 s alone, 1.1 s a row two at a time and 2.4 s a row eight at a time.
 CPU_BATCH_TOKENS = 2048
+# Log-likelihood rows hold several short requests, packed, up to this many tokens.
+PACK_LENGTH = 256
+# The KV caches of the prefixes whose continuations are batched together: at most this many
+# bytes (or one batch of prefixes, where that is more).
+PREFIX_CACHE_BYTES = 2**28
 
 
 def require_harness() -> None:
@@ -123,23 +131,37 @@ def _batch_bucket(n: int, batch_size: int) -> int:
 
 
 def _logprobs(model, x, targets, chunk):
-  """Log-probabilities [B, T] of targets [B, T] under the head's logits of hidden states
-  x [B, T, D], and whether each target is the greedy choice [B, T]; the logits are made
-  `chunk` positions at a time, so the whole [B, T, vocab] never exists."""
+  """Log-probabilities [S] of targets [S] under the head's logits of hidden states x [S, D],
+  and whether each target is the greedy choice [S]; the logits are made `chunk` positions at
+  a time, so that no more than [chunk, vocab] of them exist at once."""
   logps, hits = [], []
-  for start in range(0, targets.shape[1], chunk):
-    logits = model.head(x[:, start:start + chunk]).astype(jnp.float32)  # [B, c, V]
-    target = targets[:, start:start + chunk]
-    picked = jnp.take_along_axis(logits, target[..., None], axis=-1)[..., 0]
+  for start in range(0, targets.shape[0], chunk):
+    logits = model.head(x[start:start + chunk]).astype(jnp.float32)  # [c, V]
+    target = targets[start:start + chunk]
+    picked = jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
     logps.append(picked - jax.nn.logsumexp(logits, axis=-1))
     hits.append(greedy(logits) == target)
-  return jnp.concatenate(logps, axis=1), jnp.concatenate(hits, axis=1)
+  return jnp.concatenate(logps), jnp.concatenate(hits)
 
 
-def _score(graphdef, chunk, params, tokens, targets):
-  """_logprobs of targets [B, T] after tokens [B, T] (each row's own causal prefix)."""
+def _picked(model, x, picks, targets, chunk):
+  """_logprobs of targets [S] at the positions `picks` [S] of hidden states x [B, T, D]
+  (flat indices b * T + t): the head runs on the scored positions only."""
+  return _logprobs(model, x.reshape(-1, x.shape[-1])[picks], targets, chunk)
+
+
+def _score(graphdef, chunk, params, tokens, picks, targets):
+  """_picked log-probabilities after tokens [B, T], one causal sequence a row."""
   model = nnx.merge(graphdef, params)
-  return _logprobs(model, model.hidden_states(tokens), targets, chunk)
+  return _picked(model, model.hidden_states(tokens), picks, targets, chunk)
+
+
+def _score_packed(graphdef, chunk, params, tokens, positions, segments, picks, targets):
+  """_picked log-probabilities after tokens [B, T] that hold several sequences a row: each
+  token at its position within its sequence, attending within its segment id only."""
+  model = nnx.merge(graphdef, params)
+  return _picked(model, model.hidden_states(tokens, positions, segments), picks, targets,
+                 chunk)
 
 
 def _prefix_cache(graphdef, params, tokens):
@@ -150,24 +172,44 @@ def _prefix_cache(graphdef, params, tokens):
   return model.decode(tokens, positions, None)[1]
 
 
-def _score_after(graphdef, chunk, params, cache, index, tokens, positions, targets):
-  """_logprobs of targets [B, T] after tokens [B, T] at `positions` [B, T] that continue
-  prefix index[b] of `cache` (row b's positions start at its prefix's length). The tokens run
-  one position at a time over the cache, as generation's decode steps do, each row's keys
-  and values written at its own positions."""
+def _score_after(graphdef, chunk, params, cache, index, tokens, positions, picks, targets):
+  """_picked log-probabilities after tokens [B, T] at `positions` [B, T] that continue
+  prefix index[b] of `cache` (row b's positions start at its prefix's length), all T tokens
+  of a row in one pass over its prefix's cache (the slots from its first position on, the
+  padding of shorter prefixes, are not attended to)."""
   model = nnx.merge(graphdef, params)
-  t = tokens.shape[1]
-  rows = [{name: jnp.pad(jnp.take(layer[name], index, axis=0),
-                         ((0, 0), (0, 0), (0, t), (0, 0))) for name in ("k", "v")}
-          for layer in cache]  # [B, K, prefix + T, H]
+  rows = [{name: jnp.take(layer[name], index, axis=0) for name in ("k", "v")}
+          for layer in cache]  # [B, K, prefix, H]
+  x, _ = model.decode(tokens, positions, rows)
+  return _picked(model, x, picks, targets, chunk)
 
-  def step(cache, column):
-    token, position = column  # [B], [B]
-    x, new = model.decode(token[:, None], position[:, None], cache)
-    return [write_cache(c, n, position) for c, n in zip(cache, new, strict=True)], x[:, 0]
 
-  _, x = jax.lax.scan(step, rows, (tokens.T, positions.T))  # x: [T, B, D]
-  return _logprobs(model, x.transpose(1, 0, 2), targets, chunk)
+def _pack(lengths: list[int], order: list[int], capacity: int, bins: int, pack: bool):
+  """One batch of at most `bins` rows of `capacity` tokens from the sequences `order`
+  (indices into `lengths`, longest first, none longer than `capacity`): first fit, so that
+  short sequences fill the room that long ones leave (one a row unless `pack`). Returns (the
+  rows, as lists of indices; the indices left for later batches, longest first)."""
+  rows: list[list[int]] = []
+  free: list[int] = []
+  left: list[int] = []
+  at = 0
+  while at < len(order):
+    n = lengths[order[at]]
+    fit = next((r for r in range(len(rows)) if free[r] >= n), None) if pack else None
+    if fit is not None:
+      rows[fit].append(order[at])
+      free[fit] -= n
+    elif len(rows) < bins:
+      rows.append([order[at]])
+      free.append(capacity - n)
+    else:  # every row is open: skip to the first sequence that fits the most room left
+      room = max(free) if pack else 0
+      skip = bisect.bisect_left(order, -room, lo=at, key=lambda i: -lengths[i])
+      left.extend(order[at:skip])
+      at = skip
+      continue
+    at += 1
+  return rows, left
 
 
 def _int(value, name: str, minimum: int) -> int:
@@ -262,7 +304,11 @@ class ZooLM(TemplateLM):
     self.max_batch_tokens = _int(max_batch_tokens, "max_batch_tokens", 1)
     self.add_bos_token = add_bos_token
     self.custom_prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
-    self._scorers: dict[tuple, object] = {}
+    self._scorers: dict[str, object] = {}
+    # Packed rows restart the positions, not the row: Llama 4's chunks are counted in the row.
+    self.pack = all(self.config.layer_chunk(i) is None for i in range(self.config.num_layers))
+    self.slot_bytes = (2 * self.config.num_layers * self.config.num_kv_heads * self.config.head_dim
+                       * jnp.dtype(self.generator.dtype).itemsize)
     self.stop_ids = self._stop_ids(local)
 
   # What the harness reads.
@@ -350,22 +396,20 @@ class ZooLM(TemplateLM):
 
   # Log-likelihoods.
 
-  def _program(self, kind: str, batch: int):
-    """The jitted program of `kind` (whole rows, prefixes, rows after a prefix) for batches
-    of `batch` rows; each compiles once per length bucket."""
-    if (kind, batch) not in self._scorers:
-      chunk = max(1, SCORE_LOGITS // (batch * self.config.vocab_size))
+  def _program(self, kind: str):
+    """The jitted program of `kind`: "prefix" (the KV cache of prefixes), "after" (rows after
+    a prefix), "whole" (a sequence a row) or "packed" (several sequences a row); each
+    compiles once per shape bucket."""
+    if kind not in self._scorers:
       graphdef = self.generator.graphdef
       if kind == "prefix":
-        fn = jax.jit(functools.partial(_prefix_cache, graphdef))
+        fn = functools.partial(_prefix_cache, graphdef)
       else:
-        # XLA:CPU copies a loop's cache on every step unless told that reads come first
-        options = ({"xla_cpu_copy_insertion_use_region_analysis": True}
-                   if jax.default_backend() == "cpu" and kind == "after" else None)
-        fn = jax.jit(functools.partial({"whole": _score, "after": _score_after}[kind],
-                                       graphdef, chunk), compiler_options=options)
-      self._scorers[kind, batch] = fn
-    return self._scorers[kind, batch]
+        chunk = max(1, SCORE_LOGITS // self.config.vocab_size)
+        fn = functools.partial({"whole": _score, "packed": _score_packed,
+                                "after": _score_after}[kind], graphdef, chunk)
+      self._scorers[kind] = jax.jit(fn)
+    return self._scorers[kind]
 
   def _place(self, x: np.ndarray):
     mesh = self.generator.mesh
@@ -385,8 +429,10 @@ class ZooLM(TemplateLM):
     row is (input tokens, the continuation tokens that the input's last ones predict).
 
     Rows that share the tokens before their scored ones (a multiple-choice question's
-    choices) run those once, as a prefix whose KV cache each of them continues; the rest run
-    whole, in one pass each. Batches are sorted by length, so that they pad little.
+    choices) run those once, as a prefix whose KV cache each of them continues, batched by
+    continuation length; the others run whole, packed several to a row (each in a segment of
+    its own, at its own positions). Batches go longest first, so that they pad little, and
+    the head runs on the scored positions only.
     """
     out: list[tuple | None] = [None] * len(rows)
     prefixes: dict[tuple, list[int]] = {}
@@ -396,73 +442,112 @@ class ZooLM(TemplateLM):
         prefixes.setdefault(tuple(inp[:start]), []).append(i)
     shared = sorted((k for k, v in prefixes.items() if len(v) > 1), key=lambda k: -len(k))
     in_shared = {i for k in shared for i in prefixes[k]}
-    pending = []
+    pending: list[tuple] = []
 
     def collect():
-      members, spans, result = pending.pop(0)
+      spans, result = pending.pop(0)
       logp, hit = (np.asarray(a) for a in result)
-      for j, (i, (a, b)) in enumerate(zip(members, spans)):
-        out[i] = (float(np.sum(logp[j, a:b], dtype=np.float64)), bool(np.all(hit[j, a:b])))
+      for i, a, b in spans:
+        out[i] = (float(np.sum(logp[a:b], dtype=np.float64)), bool(np.all(hit[a:b])))
       if bar is not None:
-        bar.update(len(members))
+        bar.update(len(spans))
 
-    def queue(members, spans, result):
-      pending.append((members, spans, result))
-      if len(pending) > 1:  # read a batch only once the next one is queued
+    def run(kind, spans, picks, targets, *arrays):
+      """Queues the program's results; reads a batch's only once the next one is queued."""
+      size = max(MIN_PROMPT_BUCKET, 1 << (len(picks) - 1).bit_length())
+      flat = np.zeros((2, size), np.int32)
+      flat[0, :len(picks)], flat[1, :len(targets)] = picks, targets
+      pending.append((spans, self._program(kind)(params, *arrays, jnp.asarray(flat[0]),
+                                                 jnp.asarray(flat[1]))))
+      if len(pending) > 1:
         collect()
 
     params = self.generator.params
-    whole = sorted((i for i in range(len(rows)) if i not in in_shared),
-                   key=lambda i: -len(rows[i][0]))
     context = (sharding.use(self.generator.mesh, self.generator.rules)
                if self.generator.mesh is not None else contextlib.nullcontext())
     with context:
-      start = 0
-      while start < len(shared):
-        tp = _bucket(len(shared[start]), self.max_length)
+      at = 0
+      while at < len(shared):
+        # a run of prefixes of one length bucket, as many as the cache budget holds
+        tp = _bucket(len(shared[at]), self.max_length)
         most = self._batch_limit(tp)
-        group = shared[start:start + most]
-        start += len(group)
-        tokens = np.zeros((_batch_bucket(len(group), most), tp), np.int32)
-        for g, prefix in enumerate(group):
-          tokens[g, :len(prefix)] = prefix
-        cache = self._program("prefix", len(tokens))(params, self._place(tokens))
-        members = [(i, g) for g, prefix in enumerate(group) for i in prefixes[prefix]]
-        b = 1 << (len(members) - 1).bit_length()
-        ts = _bucket(max(len(rows[i][1]) for i, _ in members), self.max_length)
-        index = np.zeros(b, np.int32)
-        tokens = np.zeros((b, ts), np.int32)
-        positions = np.zeros((b, ts), np.int32)
-        targets = np.zeros((b, ts), np.int32)
-        for j, (i, g) in enumerate(members):
-          inp, cont = rows[i]
-          p = len(inp) - len(cont)
-          index[j] = g
-          tokens[j, :len(cont)] = inp[p:]  # the last prefix token, then all but the last
-          positions[j] = p + np.arange(ts)
-          targets[j, :len(cont)] = cont
-        result = self._program("after", b)(params, cache, jnp.asarray(index),
-                                           self._place(tokens), self._place(positions),
-                                           self._place(targets))
-        queue([i for i, _ in members], [(0, len(rows[i][1])) for i, _ in members], result)
-      start = 0
-      while start < len(whole):
-        t = _bucket(len(rows[whole[start]][0]), self.max_length)
+        count = most << max(0, (PREFIX_CACHE_BYTES // (tp * self.slot_bytes * most))
+                            .bit_length() - 1)
+        group = []
+        while (at < len(shared) and len(group) < count
+               and _bucket(len(shared[at]), self.max_length) == tp):
+          group.append(shared[at])
+          at += 1
+        caches = []
+        for first in range(0, _batch_bucket(len(group), count), most):
+          part = group[first:first + most]
+          if not part:  # rows that only round the cache up to a power of two
+            caches.append(jax.tree.map(jnp.zeros_like, caches[0]))
+            continue
+          tokens = np.zeros((min(most, _batch_bucket(len(group), count)), tp), np.int32)
+          for g, prefix in enumerate(part):
+            tokens[g, :len(prefix)] = prefix
+          caches.append(self._program("prefix")(params, self._place(tokens)))
+        cache = caches[0] if len(caches) == 1 else jax.tree.map(
+          lambda *a: jnp.concatenate(a), *caches)
+        members = sorted(((i, g) for g, prefix in enumerate(group) for i in prefixes[prefix]),
+                         key=lambda m: -len(rows[m[0]][1]))
+        first = 0
+        while first < len(members):
+          ts = _bucket(len(rows[members[first][0]][1]), self.max_length)
+          limit = self._batch_limit(ts)
+          batch = members[first:first + limit]
+          first += len(batch)
+          b = _batch_bucket(len(batch), limit)
+          index = np.zeros(b, np.int32)
+          tokens = np.zeros((b, ts), np.int32)
+          positions = np.zeros((b, ts), np.int32)
+          spans, picks, targets = [], [], []
+          for j, (i, g) in enumerate(batch):
+            inp, cont = rows[i]
+            p = len(inp) - len(cont)
+            index[j] = g
+            tokens[j, :len(cont)] = inp[p:]  # the last prefix token, then all but the last
+            positions[j] = p + np.arange(ts)
+            spans.append((i, len(picks), len(picks) + len(cont)))
+            picks.extend(range(j * ts, j * ts + len(cont)))
+            targets.extend(cont)
+          run("after", spans, picks, targets, cache, jnp.asarray(index), self._place(tokens),
+              self._place(positions))
+      lengths = [len(inp) for inp, _ in rows]
+      order = sorted((i for i in range(len(rows)) if i not in in_shared),
+                     key=lambda i: -lengths[i])
+      total = sum(lengths[i] for i in order)
+      while order:
+        t = _bucket(lengths[order[0]], self.max_length)
+        if self.pack:  # rows long enough to hold several short sequences
+          t = max(t, min(PACK_LENGTH, _bucket(total, self.max_length)))
         most = self._batch_limit(t)
-        members = whole[start:start + most]
-        start += len(members)
-        b = _batch_bucket(len(members), most)
+        packed, order = _pack(lengths, order, t, most, self.pack)
+        b = _batch_bucket(len(packed), most)
         tokens = np.zeros((b, t), np.int32)
-        targets = np.zeros((b, t), np.int32)
-        for j, i in enumerate(members):
-          inp, cont = rows[i]
-          tokens[j, :len(inp)] = inp
-          # position p predicts input token p + 1; the last ones predict the continuation
-          targets[j, :len(inp) - 1] = inp[1:]
-          targets[j, len(inp) - 1] = cont[-1]
-        result = self._program("whole", b)(params, self._place(tokens), self._place(targets))
-        queue(members, [(len(rows[i][0]) - len(rows[i][1]), len(rows[i][0]))
-                        for i in members], result)
+        positions = np.zeros((b, t), np.int32)
+        segments = np.zeros((b, t), np.int32)
+        spans, picks, targets = [], [], []
+        for r, sequences in enumerate(packed):
+          at = 0
+          for k, i in enumerate(sequences):
+            inp, cont = rows[i]
+            n = len(inp)
+            tokens[r, at:at + n] = inp
+            positions[r, at:at + n] = np.arange(n)
+            segments[r, at:at + n] = k + 1
+            # position q predicts token q + 1: the last len(cont) predict the continuation
+            spans.append((i, len(picks), len(picks) + len(cont)))
+            picks.extend(range(r * t + at + n - len(cont), r * t + at + n))
+            targets.extend(cont)
+            at += n
+            total -= n
+        if self.pack:
+          run("packed", spans, picks, targets, self._place(tokens), self._place(positions),
+              self._place(segments))
+        else:
+          run("whole", spans, picks, targets, self._place(tokens))
       while pending:
         collect()
     return out
