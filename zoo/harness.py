@@ -246,7 +246,8 @@ class ZooLM(TemplateLM):
 
   checkpoint: a zoo or HF checkpoint directory (gs:// too); adapter: a LoRA adapter directory
   (zoo's or HF peft's); tokenizer: a tokenizer file or directory (default: the checkpoint's).
-  batch_size: requests per forward pass or per generation batch. max_length: the longest input
+  batch_size: rows per log-likelihood pass (one row may pack several short requests) and
+  prompts per generation batch. max_length: the longest input
   (default: the model's maximum length); longer requests are cut from the left, as the `hf`
   backend cuts them. max_gen_toks: the generation budget of tasks that set none (256).
   add_bos_token: None follows the tokenizer, True/False force the special tokens on or off.
