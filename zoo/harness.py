@@ -28,6 +28,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
+import itertools
 import json
 import os
 
@@ -53,7 +54,6 @@ try:  # the `eval` extra: without it zoo works, and ZooLM says how to install it
   from lm_eval.api.registry import register_model
   from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
                                     postprocess_generated_text)
-  from lm_eval.tasks import TaskManager
   from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_table
 except ImportError:
   lm_eval = None
@@ -431,9 +431,9 @@ class ZooLM(TemplateLM):
 
     Rows that share the tokens before their scored ones (a multiple-choice question's
     choices) run those once, as a prefix whose KV cache each of them continues, batched by
-    continuation length; the others run whole, packed several to a row (each in a segment of
-    its own, at its own positions). Batches go longest first, so that they pad little, and
-    the head runs on the scored positions only.
+    continuation length (`_after_prefixes`); the others run whole, packed several to a row
+    (`_packed`). Batches go longest first, so that they pad little, and the head runs on the
+    scored positions only. A batch's results are read once the next one is queued.
     """
     out: list[tuple | None] = [None] * len(rows)
     prefixes: dict[tuple, list[int]] = {}
@@ -441,8 +441,9 @@ class ZooLM(TemplateLM):
       start = len(inp) - len(cont)  # the first scored position
       if start > 0:
         prefixes.setdefault(tuple(inp[:start]), []).append(i)
-    shared = sorted((k for k, v in prefixes.items() if len(v) > 1), key=lambda k: -len(k))
-    in_shared = {i for k in shared for i in prefixes[k]}
+    shared = {k: v for k, v in prefixes.items() if len(v) > 1}
+    in_shared = {i for v in shared.values() for i in v}
+    whole = [i for i in range(len(rows)) if i not in in_shared]
     pending: list[tuple] = []
 
     def collect():
@@ -453,105 +454,119 @@ class ZooLM(TemplateLM):
       if bar is not None:
         bar.update(len(spans))
 
-    def run(kind, spans, picks, targets, *arrays):
-      """Queues the program's results; reads a batch's only once the next one is queued."""
-      size = max(MIN_PROMPT_BUCKET, 1 << (len(picks) - 1).bit_length())
-      flat = np.zeros((2, size), np.int32)
-      flat[0, :len(picks)], flat[1, :len(targets)] = picks, targets
-      pending.append((spans, self._program(kind)(params, *arrays, jnp.asarray(flat[0]),
-                                                 jnp.asarray(flat[1]))))
-      if len(pending) > 1:
-        collect()
-
     params = self.generator.params
     context = (sharding.use(self.generator.mesh, self.generator.rules)
                if self.generator.mesh is not None else contextlib.nullcontext())
     with context:
-      at = 0
-      while at < len(shared):
-        # a run of prefixes of one length bucket, as many as the cache budget holds
-        tp = _bucket(len(shared[at]), self.max_length)
-        most = self._batch_limit(tp)
-        count = most << max(0, (PREFIX_CACHE_BYTES // (tp * self.slot_bytes * most))
-                            .bit_length() - 1)
-        group = []
-        while (at < len(shared) and len(group) < count
-               and _bucket(len(shared[at]), self.max_length) == tp):
-          group.append(shared[at])
-          at += 1
-        caches = []
-        for first in range(0, _batch_bucket(len(group), count), most):
-          part = group[first:first + most]
-          if not part:  # rows that only round the cache up to a power of two
-            caches.append(jax.tree.map(jnp.zeros_like, caches[0]))
-            continue
-          tokens = np.zeros((min(most, _batch_bucket(len(group), count)), tp), np.int32)
-          for g, prefix in enumerate(part):
-            tokens[g, :len(prefix)] = prefix
-          caches.append(self._program("prefix")(params, self._place(tokens)))
-        cache = caches[0] if len(caches) == 1 else jax.tree.map(
-          lambda *a: jnp.concatenate(a), *caches)
-        members = sorted(((i, g) for g, prefix in enumerate(group) for i in prefixes[prefix]),
-                         key=lambda m: -len(rows[m[0]][1]))
-        first = 0
-        while first < len(members):
-          ts = _bucket(len(rows[members[first][0]][1]), self.max_length)
-          limit = self._batch_limit(ts)
-          batch = members[first:first + limit]
-          first += len(batch)
-          b = _batch_bucket(len(batch), limit)
-          index = np.zeros(b, np.int32)
-          tokens = np.zeros((b, ts), np.int32)
-          positions = np.zeros((b, ts), np.int32)
-          spans, picks, targets = [], [], []
-          for j, (i, g) in enumerate(batch):
-            inp, cont = rows[i]
-            p = len(inp) - len(cont)
-            index[j] = g
-            tokens[j, :len(cont)] = inp[p:]  # the last prefix token, then all but the last
-            positions[j] = p + np.arange(ts)
-            spans.append((i, len(picks), len(picks) + len(cont)))
-            picks.extend(range(j * ts, j * ts + len(cont)))
-            targets.extend(cont)
-          run("after", spans, picks, targets, cache, jnp.asarray(index), self._place(tokens),
-              self._place(positions))
-      lengths = [len(inp) for inp, _ in rows]
-      order = sorted((i for i in range(len(rows)) if i not in in_shared),
-                     key=lambda i: -lengths[i])
-      total = sum(lengths[i] for i in order)
-      while order:
-        t = _bucket(lengths[order[0]], self.max_length)
-        if self.pack:  # rows long enough to hold several short sequences
-          t = max(t, min(PACK_LENGTH, _bucket(total, self.max_length)))
-        most = self._batch_limit(t)
-        packed, order = _pack(lengths, order, t, most, self.pack)
-        b = _batch_bucket(len(packed), most)
-        tokens = np.zeros((b, t), np.int32)
-        positions = np.zeros((b, t), np.int32)
-        segments = np.zeros((b, t), np.int32)
-        spans, picks, targets = [], [], []
-        for r, sequences in enumerate(packed):
-          at = 0
-          for k, i in enumerate(sequences):
-            inp, cont = rows[i]
-            n = len(inp)
-            tokens[r, at:at + n] = inp
-            positions[r, at:at + n] = np.arange(n)
-            segments[r, at:at + n] = k + 1
-            # position q predicts token q + 1: the last len(cont) predict the continuation
-            spans.append((i, len(picks), len(picks) + len(cont)))
-            picks.extend(range(r * t + at + n - len(cont), r * t + at + n))
-            targets.extend(cont)
-            at += n
-            total -= n
-        if self.pack:
-          run("packed", spans, picks, targets, self._place(tokens), self._place(positions),
-              self._place(segments))
-        else:
-          run("whole", spans, picks, targets, self._place(tokens))
+      for kind, spans, picks, targets, arrays in itertools.chain(
+          self._after_prefixes(rows, shared, params), self._packed(rows, whole)):
+        size = max(MIN_PROMPT_BUCKET, 1 << (len(picks) - 1).bit_length())
+        flat = np.zeros((2, size), np.int32)
+        flat[0, :len(picks)], flat[1, :len(targets)] = picks, targets
+        pending.append((spans, self._program(kind)(params, *arrays, jnp.asarray(flat[0]),
+                                                   jnp.asarray(flat[1]))))
+        if len(pending) > 1:
+          collect()
       while pending:
         collect()
     return out
+
+  def _after_prefixes(self, rows, shared: dict[tuple, list[int]], params):
+    """The "after" batches of the rows that continue the prefixes `shared` ({prefix: the
+    rows}): (kind, spans (row, first, end) of the scored positions, picks (flat positions),
+    targets, the program's arrays). The prefixes' caches are made here, a run of prefixes of
+    one length bucket at a time, as many as PREFIX_CACHE_BYTES hold."""
+    order = sorted(shared, key=lambda k: -len(k))
+    at = 0
+    while at < len(order):
+      tp = _bucket(len(order[at]), self.max_length)
+      most = self._batch_limit(tp)
+      count = most << max(0, (PREFIX_CACHE_BYTES // (tp * self.slot_bytes * most))
+                          .bit_length() - 1)
+      group = []
+      while (at < len(order) and len(group) < count
+             and _bucket(len(order[at]), self.max_length) == tp):
+        group.append(order[at])
+        at += 1
+      cache = self._prefix_caches(group, tp, most, _batch_bucket(len(group), count), params)
+      members = sorted(((i, g) for g, prefix in enumerate(group) for i in shared[prefix]),
+                       key=lambda m: -len(rows[m[0]][1]))
+      first = 0
+      while first < len(members):
+        ts = _bucket(len(rows[members[first][0]][1]), self.max_length)
+        limit = self._batch_limit(ts)
+        batch = members[first:first + limit]
+        first += len(batch)
+        b = _batch_bucket(len(batch), limit)
+        index = np.zeros(b, np.int32)
+        tokens = np.zeros((b, ts), np.int32)
+        positions = np.zeros((b, ts), np.int32)
+        spans, picks, targets = [], [], []
+        for j, (i, g) in enumerate(batch):
+          inp, cont = rows[i]
+          p = len(inp) - len(cont)
+          index[j] = g
+          tokens[j, :len(cont)] = inp[p:]  # the last prefix token, then all but the last
+          positions[j] = p + np.arange(ts)
+          spans.append((i, len(picks), len(picks) + len(cont)))
+          picks.extend(range(j * ts, j * ts + len(cont)))
+          targets.extend(cont)
+        yield "after", spans, picks, targets, (cache, jnp.asarray(index), self._place(tokens),
+                                               self._place(positions))
+
+  def _prefix_caches(self, group: list[tuple], tp: int, most: int, rows: int, params):
+    """The KV cache [rows, K, tp, H] per layer of the prefixes `group` (then zeros up to
+    `rows`, a power of two), computed `most` prefixes at a time."""
+    caches = []
+    for first in range(0, rows, most):
+      part = group[first:first + most]
+      if not part:  # rows that only round the cache up to a power of two
+        caches.append(jax.tree.map(jnp.zeros_like, caches[0]))
+        continue
+      tokens = np.zeros((min(most, rows), tp), np.int32)
+      for g, prefix in enumerate(part):
+        tokens[g, :len(prefix)] = prefix
+      caches.append(self._program("prefix")(params, self._place(tokens)))
+    return caches[0] if len(caches) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a),
+                                                           *caches)
+
+  def _packed(self, rows, whole: list[int]):
+    """The batches of the rows `whole`, as `_after_prefixes` gives them: each row's input
+    whole, several to a batch row, first fit, longest first (one a batch row, "whole", where
+    the model cannot pack)."""
+    lengths = [len(inp) for inp, _ in rows]
+    order = sorted(whole, key=lambda i: -lengths[i])
+    total = sum(lengths[i] for i in order)
+    while order:
+      t = _bucket(lengths[order[0]], self.max_length)
+      if self.pack:  # rows long enough to hold several short sequences
+        t = max(t, min(PACK_LENGTH, _bucket(total, self.max_length)))
+      most = self._batch_limit(t)
+      packed, order = _pack(lengths, order, t, most, self.pack)
+      b = _batch_bucket(len(packed), most)
+      tokens = np.zeros((b, t), np.int32)
+      positions = np.zeros((b, t), np.int32)
+      segments = np.zeros((b, t), np.int32)
+      spans, picks, targets = [], [], []
+      for r, sequences in enumerate(packed):
+        at = 0
+        for k, i in enumerate(sequences):
+          inp, cont = rows[i]
+          n = len(inp)
+          tokens[r, at:at + n] = inp
+          positions[r, at:at + n] = np.arange(n)
+          segments[r, at:at + n] = k + 1
+          # position q predicts token q + 1: the last len(cont) predict the continuation
+          spans.append((i, len(picks), len(picks) + len(cont)))
+          picks.extend(range(r * t + at + n - len(cont), r * t + at + n))
+          targets.extend(cont)
+          at += n
+          total -= n
+      if self.pack:
+        yield "packed", spans, picks, targets, (self._place(tokens), self._place(positions),
+                                                self._place(segments))
+      else:
+        yield "whole", spans, picks, targets, (self._place(tokens),)
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
     """(log-likelihood, is greedy) of each (request, context tokens, continuation tokens)."""
@@ -685,6 +700,7 @@ def check_tasks(tasks: list[str], include_path: str | None = None):
     raise ZooError(f"--include-path {include_path} is not a directory")
   if not tasks:
     raise ZooError("no tasks given")
+  from lm_eval.tasks import TaskManager  # here: it takes most of a second to import
   manager = TaskManager(include_path=include_path)
   known = set(manager.all_tasks)
   unknown = [t for t in tasks if t not in known and not manager.match_tasks([t])]

@@ -3,10 +3,8 @@ exactly the responses, and packing carries the mask as weights."""
 
 import json
 
-import numpy as np
 import pytest
 
-from tests.references import with_tokenizer
 from zoo.data.instruct import InstructFormatter, check_record
 from zoo.data.pipeline import make_batches
 from zoo.data.tokenizers import load_tokenizer
@@ -17,12 +15,6 @@ CHAT = {"messages": [{"role": "system", "content": "w1 w2"},
                      {"role": "assistant", "content": "w6 w7"},
                      {"role": "user", "content": "w8"},
                      {"role": "assistant", "content": "w9 w10 w11"}]}
-
-
-@pytest.fixture
-def tok_dir(tmp_path):
-  fast = with_tokenizer(str(tmp_path))
-  return str(tmp_path), fast
 
 
 def test_chat_ids_match_transformers_and_mask_is_the_responses(tok_dir):

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from tests.references import with_tokenizer
 from zoo.data.preference import (PairEncoder, check_pair, make_pair_batches, pair_rows,
                                  preference_pipeline, prompt_budget, scan_pairs, truncate_pair)
 from zoo.data.tokenizers import load_tokenizer
@@ -17,12 +16,6 @@ from zoo.errors import ZooError
 PROMPT = [{"role": "system", "content": "w1"}, {"role": "user", "content": "w2 w3"}]
 CHOSEN = [{"role": "assistant", "content": "w4 w5"}]
 REJECTED = [{"role": "assistant", "content": "w6"}]
-
-
-@pytest.fixture
-def tok_dir(tmp_path):
-  fast = with_tokenizer(str(tmp_path))
-  return str(tmp_path), fast
 
 
 def test_text_pairs_tokenize_as_transformers(tok_dir):

@@ -10,7 +10,7 @@ import sys
 import time
 
 from bench import models
-from bench.harness import QUIET, Worker, call, interleave, median, probe
+from bench.harness import QUIET, Worker, call, interleave_and_close, median, probe
 
 # Per batch size: (what, the least ratio, the key of the ratio in that batch's results). Batch 1
 # must reach llama.cpp's rate; 1.7x transformers is that rate expressed against transformers,
@@ -197,11 +197,7 @@ def run(args, workdir: str) -> dict:
       workers["transformers"] = Worker(torch_decoder, spec, env, log.format("transformers"))
     if gguf_path and batch == 1:  # llama-cpp-python's API generates one sequence at a time
       workers["llama.cpp"] = Worker(llamacpp_decoder, spec, env, log.format("llamacpp"))
-    try:
-      rates, shares, dropped = interleave(workers, 1, args.rounds, batch * args.new_tokens)
-    finally:
-      for w in workers.values():
-        w.close()
+    rates, shares, dropped = interleave_and_close(workers, 1, args.rounds, batch * args.new_tokens)
     bound = bandwidth / model["step_bytes"] * batch
     row = {"zoo_tokens_per_sec": round(median(rates["zoo"]), 1),
            "zoo_cpu_kernel": workers["zoo"].info.get("cpu_kernel"),

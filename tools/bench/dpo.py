@@ -10,7 +10,7 @@ import sys
 import time
 
 from bench import models
-from bench.harness import QUIET, Worker, call, interleave, median, probe
+from bench.harness import QUIET, Worker, call, interleave_and_close, median, probe
 from bench.train import TRAIN_MODEL, TRAIN_OPTIMIZER
 
 # zoo's tokens/s over the peer's (full and LoRA); LoRA-DPO's peak over full DPO's at most
@@ -243,11 +243,7 @@ def run(args, workdir: str) -> dict:
     workers = {"zoo": Worker(zoo_stepper, s, env, log.format("zoo"))}
     if not args.no_peer:
       workers["peer"] = Worker(peer_stepper, s, None, log.format("peer"))
-    try:
-      rates, shares, dropped = interleave(workers, args.steps, args.rounds, tokens)
-    finally:
-      for w in workers.values():
-        w.close()
+    rates, shares, dropped = interleave_and_close(workers, args.steps, args.rounds, tokens)
     quiet = quiet and median(shares) <= QUIET
     zoo_rate = median(rates["zoo"])
     result[f"{kind}_zoo_tokens_per_sec"] = round(zoo_rate, 1)

@@ -163,6 +163,15 @@ def cpu_busy_seconds() -> float | None:
   return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def interleave_and_close(workers: dict[str, Worker], *args, **kwargs) -> tuple[dict, list, int]:
+  """`interleave(workers, *args, **kwargs)`, and then every worker closed, also on failure."""
+  try:
+    return interleave(workers, *args, **kwargs)
+  finally:
+    for w in workers.values():
+      w.close()
+
+
 def interleave(workers: dict[str, Worker], steps: int, rounds: int, tokens: int,
                quiet: float = QUIET, max_rounds: int | None = None) -> tuple[dict, list, int]:
   """tokens/s of each worker, timed in rounds: each round times every worker once in turn (the

@@ -9,7 +9,7 @@ import sys
 import time
 
 from bench import models
-from bench.harness import QUIET, Worker, call, interleave, median
+from bench.harness import QUIET, Worker, call, interleave_and_close, median
 
 # zoo's tokens/s over transformers' at every vocabulary size.
 TARGETS = dict(ratio=1.0)
@@ -206,11 +206,7 @@ def run(args, workdir: str) -> dict:
     workers = {"zoo": Worker(zoo_stepper, spec, env, log.format("zoo"))}
     if not args.no_peer:
       workers["transformers"] = Worker(torch_stepper, spec, None, log.format("transformers"))
-    try:
-      rates, shares, dropped = interleave(workers, args.steps, args.rounds, tokens)
-    finally:
-      for w in workers.values():
-        w.close()
+    rates, shares, dropped = interleave_and_close(workers, args.steps, args.rounds, tokens)
     background = median(shares)
     zoo_info = workers["zoo"].info
     if zoo_info["options_refused"]:

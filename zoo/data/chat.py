@@ -40,6 +40,17 @@ def load_chat_template(directory: str) -> tuple[str, dict]:
   return template, config
 
 
+def chat_template_dir(directory: str | None) -> str | None:
+  """`directory` when it holds a chat template (`load_chat_template`), else None."""
+  if not directory:
+    return None
+  try:
+    load_chat_template(directory)
+  except ZooError:
+    return None
+  return directory
+
+
 def render_chat(directory: str, messages: list[dict], add_generation_prompt: bool = True) -> str:
   """The text of `messages` ([{"role", "content"}]), by default ending with the header of the
   assistant's next turn."""

@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from zoo.data.chat import load_chat_template, render_chat
+from zoo.data.chat import chat_template_dir, render_chat
 from zoo import paths
 from zoo.errors import ZooError
 
@@ -83,13 +83,7 @@ class InstructFormatter:
   def __init__(self, tokenizer, template_dir: str | None, *, add_bos: bool = True,
                add_eos: bool = True):
     self._tok = tokenizer
-    self._template = None
-    if template_dir:
-      try:
-        load_chat_template(template_dir)
-        self._template = template_dir
-      except ZooError:
-        self._template = None
+    self._template = chat_template_dir(template_dir)
     self._bos = tokenizer.bos_id if add_bos else None
     self._eos = tokenizer.eos_id if add_eos else None
 

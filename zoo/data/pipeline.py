@@ -21,11 +21,11 @@ from typing import Any
 
 import grain
 import numpy as np
-from absl import flags
 
 from zoo.data.instruct import InstructFormatter
 from zoo.data.preference import preference_pipeline
-from zoo.data.sources import field, process_share, rows_split, source_id, text_source
+from zoo.data.sources import (check_batch_args, field, finish_batches, local_batch_size,
+                              process_share, rows_split, source_id, text_source)
 from zoo.data.tokenizers import Tokenizer, load_tokenizer, train_sentencepiece
 from zoo.errors import ZooError
 
@@ -78,16 +78,6 @@ class _Pieces(grain.experimental.FlatMapTransform):
     return pieces
 
 
-class _Rows(grain.transforms.Map):
-  """Rows [start, stop) of a batch (data.shard = rows)."""
-
-  def __init__(self, start: int, stop: int):
-    self.start, self.stop = start, stop
-
-  def map(self, batch):
-    return {k: v[self.start:self.stop] for k, v in batch.items()}
-
-
 def _row(packed):
   # The packer gives every packed feature its own segment ids and positions; the tokens' do.
   return {"tokens": packed["tokens"], "targets": packed["targets"],
@@ -113,16 +103,8 @@ def make_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
   """
   rows_of, batch_size, process_index, process_count = rows_split(
       shard, batch_size, process_index, process_count)
-  for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
-                      ("process_count", process_count)):
-    if not isinstance(value, (int, np.integer)) or value < 1:
-      raise ZooError(f"{name} must be a positive integer, got {value!r}")
-  if not 0 <= process_index < process_count:
-    raise ZooError(f"process_index {process_index} is not in 0..{process_count - 1}")
-  if not 0 <= seed < 2**32:
-    raise ZooError(f"seed must be in [0, 2**32), got {seed}")
-  if num_workers < 0:
-    raise ZooError(f"num_workers must be >= 0, got {num_workers}")
+  check_batch_args(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
+                   process_count=process_count, seed=seed, num_workers=num_workers)
   bos = _special(tokenizer, "bos_id", "add_bos") if add_bos else None
   eos = _special(tokenizer, "eos_id", "add_eos") if add_eos else None
 
@@ -139,19 +121,7 @@ def make_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
   it = it.batch(int(batch_size),
                 batch_fn=functools.partial(grain.experimental.batch_and_pad,
                                            batch_size=int(batch_size)))
-  if rows_of is not None:
-    it = it.map(_Rows(*rows_of))
-  if num_workers:
-    _absl_flags_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers)))
-  return iter(it)
-
-
-def _absl_flags_parsed():
-  # grain 0.2.18's worker processes read an absl flag, which raises in a program that never
-  # parsed flags (google/grain#1355, fixed upstream); the flags' defaults are what we want.
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
+  return finish_batches(it, rows_of, num_workers)
 
 
 def _special(tokenizer: Tokenizer, attr: str, flag: str) -> int:
@@ -168,13 +138,6 @@ def data_pipeline(data_cfg: Any, tokenizer: Tokenizer, split: str, *, data_dir: 
   With `data_cfg.format` "instruct", examples are formatted with the chat template found in
   `template_dir` (if it has one) and only the responses are trained on; "preference" gives
   batches of preference pairs (zoo.data.preference)."""
-  batch_size = field(data_cfg, "batch_size")
-  seq_len = field(data_cfg, "seq_len")
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ZooError(f"data.batch_size must be a positive integer, got {batch_size!r}")
-  if batch_size % process_count:
-    raise ZooError(f"data.batch_size {batch_size} is not divisible by the "
-                   f"{process_count} processes")
   if field(data_cfg, "format", "text") == "preference":  # pairs for DPO: [batch, 2, seq_len]
     return preference_pipeline(data_cfg, tokenizer, split, data_dir=data_dir,
                                process_index=process_index, process_count=process_count,
@@ -186,7 +149,8 @@ def data_pipeline(data_cfg: Any, tokenizer: Tokenizer, split: str, *, data_dir: 
                                   add_bos=field(data_cfg, "add_bos", True),
                                   add_eos=field(data_cfg, "add_eos", True))
   return make_batches(
-    source, tokenizer, seq_len=seq_len, batch_size=batch_size // process_count,
+    source, tokenizer, seq_len=field(data_cfg, "seq_len"),
+    batch_size=local_batch_size(data_cfg, process_count),
     seed=field(data_cfg, "seed", 0), shuffle=field(data_cfg, "shuffle", True), repeat=repeat,
     process_index=process_index, process_count=process_count,
     add_bos=field(data_cfg, "add_bos", True), add_eos=field(data_cfg, "add_eos", True),

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import pathlib
@@ -44,12 +43,12 @@ from typing import Any
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
-from absl import flags
 
-from zoo.data.chat import load_chat_template, render_chat
+from zoo.data.chat import chat_template_dir, render_chat
 from zoo.data.instruct import ROLES, encode_special
-from zoo.data.sources import (TextFilesConfig, ZooText, field, json_lines, match_files,
-                              process_share, rows_split)
+from zoo.data.sources import (ZooText, check_batch_args, field, finish_batches, json_lines,
+                              local_batch_size, match_files, prepared_split, process_share,
+                              rows_split, text_files)
 from zoo.errors import ZooError
 
 LAYOUTS = ("text", "messages", "ids")
@@ -154,13 +153,7 @@ class PairEncoder:
   def __init__(self, tokenizer, template_dir: str | None, *, add_bos: bool = True,
                add_eos: bool = True):
     self._tok = tokenizer
-    self._template = None
-    if template_dir and tokenizer is not None:
-      try:
-        load_chat_template(template_dir)
-        self._template = template_dir
-      except ZooError:
-        self._template = None
+    self._template = chat_template_dir(template_dir) if tokenizer is not None else None
     self._bos = tokenizer.bos_id if (add_bos and tokenizer is not None) else None
     self._eos = tokenizer.eos_id if (add_eos and tokenizer is not None) else None
 
@@ -248,40 +241,20 @@ class ZooPreferences(ZooText, skip_registration=True):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Preference pairs from JSONL files, in file order."}
   code_path = pathlib.Path(__file__)
+  IN_FILE_ORDER = True
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-      builder=self, description=self.builder_config.description,
-      features=tfds.features.FeaturesDict({"text": tfds.features.Text(),
-                                           "id": tfds.features.Text()}),
-      disable_shuffling=True)
-
-  def _documents(self):
-    cfg = self.builder_config
-    base = os.path.commonpath([os.path.dirname(f) for f in cfg.files])
-    for path in cfg.files:
-      if not path.endswith(".jsonl"):
-        raise ZooError(f"data.format 'preference' reads JSONL files, not {path}")
-      doc_id = os.path.relpath(path, base)
-      for lineno, record in json_lines(path):
-        yield f"{doc_id}:{lineno}", json.dumps(check_pair(record, f"{path}:{lineno}"))
+  def _read(self, path: str, doc_id: str):
+    if not path.endswith(".jsonl"):
+      raise ZooError(f"data.format 'preference' reads JSONL files, not {path}")
+    for lineno, record in json_lines(path):
+      yield f"{doc_id}:{lineno}", json.dumps(check_pair(record, f"{path}:{lineno}"))
 
 
 def preference_files(files: list[str], data_dir: str, *, eval_fraction: float = 0.05
                      ) -> ZooPreferences:
   """The (maybe not yet prepared) dataset of `files`, named by a hash of what it reads."""
-  if not 0.0 <= eval_fraction < 1.0:
-    raise ZooError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-  files = sorted({os.path.abspath(f) for f in files})
-  stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-  key = json.dumps([str(ZooPreferences.VERSION), float(eval_fraction), stats])
-  digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
-  config = TextFilesConfig(
-    name=f"pairs_{digest}", files=tuple(files), format="preference",
-    eval_fraction=float(eval_fraction),
-    description=f"{len(files)} files under {os.path.commonpath(files)}")
-  return ZooPreferences(config=config, data_dir=data_dir,
-                        file_format=tfds.core.FileFormat.ARRAY_RECORD)
+  return text_files(files, data_dir, eval_fraction=eval_fraction, label="pairs",
+                    fmt="preference", builder=ZooPreferences)
 
 
 def preference_source(data_cfg: Any, split: str, data_dir: str):
@@ -293,13 +266,7 @@ def preference_source(data_cfg: Any, split: str, data_dir: str):
   builder = preference_files(match_files(field(data_cfg, "files", "")),
                              os.path.abspath(os.path.expanduser(str(data_dir))),
                              eval_fraction=field(data_cfg, "eval_fraction", 0.05))
-  if not builder.is_prepared():
-    builder.download_and_prepare()
-  if split not in builder.info.splits:
-    cfg = builder.builder_config
-    raise ZooError(f"split {split!r} of the preference pairs {cfg.name!r} is empty "
-                   f"(eval_fraction={cfg.eval_fraction}, {len(cfg.files)} files)")
-  return builder.as_data_source(split=split)
+  return prepared_split(builder, split, "the preference pairs")
 
 
 # --- checking every pair ----------------------------------------------------------------------
@@ -367,16 +334,6 @@ class _PairRows(grain.transforms.Map):
     return pair_rows(p, c, r, self._seq_len)
 
 
-class _Rows(grain.transforms.Map):
-  """Pairs [start, stop) of a batch (data.shard = rows)."""
-
-  def __init__(self, start: int, stop: int):
-    self.start, self.stop = start, stop
-
-  def map(self, batch):
-    return {k: v[self.start:self.stop] for k, v in batch.items()}
-
-
 def make_pair_batches(source, encoder: PairEncoder, *, seq_len: int, batch_size: int,
                       seed: int, max_prompt: int, shuffle: bool = True, repeat: bool = True,
                       process_index: int = 0, process_count: int = 1, num_workers: int = 0,
@@ -388,25 +345,15 @@ def make_pair_batches(source, encoder: PairEncoder, *, seq_len: int, batch_size:
   pair and keeps its block of each global batch (see zoo.data.pipeline.make_batches)."""
   rows_of, batch_size, process_index, process_count = rows_split(
       shard, batch_size, process_index, process_count)
-  for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
-                      ("process_count", process_count)):
-    if not isinstance(value, (int, np.integer)) or value < 1:
-      raise ZooError(f"{name} must be a positive integer, got {value!r}")
-  if not 0 <= seed < 2**32:
-    raise ZooError(f"seed must be in [0, 2**32), got {seed}")
+  check_batch_args(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
+                   process_count=process_count, seed=seed, num_workers=num_workers)
   ds = process_share(source, process_index, process_count, shuffle=shuffle, seed=seed,
                      repeat=repeat, what="preference pairs")
   ds = ds.map(_PairRows(encoder, int(seq_len), int(max_prompt)))
   it = ds.to_iter_dataset().batch(
     int(batch_size), batch_fn=functools.partial(grain.experimental.batch_and_pad,
                                                 batch_size=int(batch_size)))
-  if rows_of is not None:
-    it = it.map(_Rows(*rows_of))
-  if num_workers:
-    if not flags.FLAGS.is_parsed():  # as zoo.data.pipeline does it (google/grain#1355)
-      flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers)))
-  return iter(it)
+  return finish_batches(it, rows_of, num_workers)
 
 
 def encoder_for(data_cfg: Any, tokenizer, template_dir: str | None) -> PairEncoder:
@@ -418,16 +365,12 @@ def preference_pipeline(data_cfg: Any, tokenizer, split: str, *, data_dir: str,
                         process_index: int = 0, process_count: int = 1, repeat: bool = True,
                         template_dir: str | None = None) -> grain.DatasetIterator:
   """Batches of `split`'s pairs for this process; data_cfg.batch_size (pairs) is global."""
-  batch_size, seq_len = field(data_cfg, "batch_size"), field(data_cfg, "seq_len")
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ZooError(f"data.batch_size must be a positive integer, got {batch_size!r}")
-  if batch_size % process_count:
-    raise ZooError(f"data.batch_size {batch_size} is not divisible by the "
-                   f"{process_count} processes")
+  seq_len = field(data_cfg, "seq_len")
+  batch_size = local_batch_size(data_cfg, process_count)
   max_prompt = prompt_budget(seq_len, field(data_cfg, "max_prompt_len", 0))
   return make_pair_batches(
     preference_source(data_cfg, split, data_dir), encoder_for(data_cfg, tokenizer, template_dir),
-    seq_len=seq_len, batch_size=batch_size // process_count, seed=field(data_cfg, "seed", 0),
+    seq_len=seq_len, batch_size=batch_size, seed=field(data_cfg, "seed", 0),
     max_prompt=max_prompt, shuffle=field(data_cfg, "shuffle", True), repeat=repeat,
     process_index=process_index, process_count=process_count,
     num_workers=field(data_cfg, "num_workers", 0), shard=field(data_cfg, "shard", "documents"))

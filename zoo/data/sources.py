@@ -16,7 +16,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
+import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 
 from zoo.data.instruct import check_record
 from zoo.errors import ZooError
@@ -72,6 +74,56 @@ def process_share(source, process_index: int, process_count: int, *, shuffle: bo
   if repeat:
     ds = ds.repeat()
   return ds
+
+
+def check_batch_args(*, seq_len: int, batch_size: int, process_index: int,
+                     process_count: int, seed: int, num_workers: int) -> None:
+  """ZooErrors for a pipeline's arguments out of range."""
+  for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
+                      ("process_count", process_count)):
+    if not isinstance(value, (int, np.integer)) or value < 1:
+      raise ZooError(f"{name} must be a positive integer, got {value!r}")
+  if not 0 <= process_index < process_count:
+    raise ZooError(f"process_index {process_index} is not in 0..{process_count - 1}")
+  if not 0 <= seed < 2**32:
+    raise ZooError(f"seed must be in [0, 2**32), got {seed}")
+  if num_workers < 0:
+    raise ZooError(f"num_workers must be >= 0, got {num_workers}")
+
+
+def local_batch_size(data_cfg: Any, process_count: int) -> int:
+  """This process's share of data_cfg.batch_size (global), or a ZooError."""
+  batch_size = field(data_cfg, "batch_size")
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ZooError(f"data.batch_size must be a positive integer, got {batch_size!r}")
+  if batch_size % process_count:
+    raise ZooError(f"data.batch_size {batch_size} is not divisible by the "
+                   f"{process_count} processes")
+  return batch_size // process_count
+
+
+class _Rows(grain.transforms.Map):
+  """Rows [start, stop) of a batch (data.shard = rows)."""
+
+  def __init__(self, start: int, stop: int):
+    self.start, self.stop = start, stop
+
+  def map(self, batch):
+    return {k: v[self.start:self.stop] for k, v in batch.items()}
+
+
+def finish_batches(it: grain.IterDataset, rows_of, num_workers: int) -> grain.DatasetIterator:
+  """The iterator of batches `it`: cut to this process's rows (`rows_split`'s rows_of), run in
+  `num_workers` worker processes when > 0."""
+  if rows_of is not None:
+    it = it.map(_Rows(*rows_of))
+  if num_workers:
+    # grain 0.2.18's worker processes read an absl flag, which raises in a program that never
+    # parsed flags (google/grain#1355, fixed upstream); the flags' defaults are what we want.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers)))
+  return iter(it)
 
 
 def json_lines(path: str) -> Iterator[tuple[int, Any]]:
@@ -148,18 +200,26 @@ class ZooText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   # importlib_resources, which is only an optional extra of etils; nothing here is downloaded,
   # so name the file directly.
   code_path = pathlib.Path(__file__)
+  # True: the dataset keeps the files' order (TFDS does not shuffle it as it writes).
+  IN_FILE_ORDER = False
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
       builder=self, description=self.builder_config.description,
       features=tfds.features.FeaturesDict({"text": tfds.features.Text(),
-                                           "id": tfds.features.Text()}))
+                                           "id": tfds.features.Text()}),
+      disable_shuffling=self.IN_FILE_ORDER)
 
   def _documents(self) -> Iterator[tuple[str, str]]:
     cfg = self.builder_config
     base = os.path.commonpath([os.path.dirname(f) for f in cfg.files])
     for path in cfg.files:
-      yield from read_documents(path, os.path.relpath(path, base), cfg.text_key, cfg.format)
+      yield from self._read(path, os.path.relpath(path, base))
+
+  def _read(self, path: str, doc_id: str) -> Iterator[tuple[str, str]]:
+    """(id, text) of each document of one file, `doc_id` naming the file."""
+    cfg = self.builder_config
+    return read_documents(path, doc_id, cfg.text_key, cfg.format)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # everything is local
@@ -189,8 +249,9 @@ class ZooText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
 
 def text_files(files: Sequence[str], data_dir: str, *, text_key: str = "text",
-               eval_fraction: float = 0.05, label: str = "files", fmt: str = "text") -> ZooText:
-  """The (maybe not yet prepared) builder for `files`, named by a hash of what it reads.
+               eval_fraction: float = 0.05, label: str = "files", fmt: str = "text",
+               builder: type[ZooText] = ZooText) -> ZooText:
+  """The (maybe not yet prepared) `builder` for `files`, named by a hash of what it reads.
 
   The hash covers each file's path, size and modification time, the text key and the fraction,
   so a changed file set builds a new dataset beside the old one instead of reusing it.
@@ -201,14 +262,14 @@ def text_files(files: Sequence[str], data_dir: str, *, text_key: str = "text",
   if not files:
     raise ZooError("no input files")
   stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
-  key = json.dumps([str(ZooText.VERSION), text_key, float(eval_fraction), stats]
+  key = json.dumps([str(builder.VERSION), text_key, float(eval_fraction), stats]
                    + ([fmt] if fmt != "text" else []))
   digest = hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
   config = TextFilesConfig(
     name=f"{label}_{digest}", files=tuple(files), text_key=text_key, format=fmt,
     eval_fraction=float(eval_fraction),
     description=f"{len(files)} files under {os.path.commonpath(files)}")
-  return ZooText(config=config, data_dir=data_dir, file_format=tfds.core.FileFormat.ARRAY_RECORD)
+  return builder(config=config, data_dir=data_dir, file_format=tfds.core.FileFormat.ARRAY_RECORD)
 
 
 def python_stdlib_files() -> list[str]:
@@ -318,11 +379,16 @@ def text_source(data_cfg: Any, split: str, data_dir: str):
                         field(data_cfg, "text_key", "text") or "text")
   if split not in SPLITS:
     raise ZooError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
-  builder = _files_builder(data_cfg, data_dir)
+  return prepared_split(_files_builder(data_cfg, data_dir), split, "data source")
+
+
+def prepared_split(builder: ZooText, split: str, what: str):
+  """The random-access source of `split` of the files' dataset, built on first use; a
+  ZooError when the split has no documents (`what` names the dataset)."""
   if not builder.is_prepared():
     builder.download_and_prepare()
   if split not in builder.info.splits:
     cfg = builder.builder_config
-    raise ZooError(f"split {split!r} of data source {cfg.name!r} is empty "
+    raise ZooError(f"split {split!r} of {what} {cfg.name!r} is empty "
                    f"(eval_fraction={cfg.eval_fraction}, {len(cfg.files)} files)")
   return builder.as_data_source(split=split)

@@ -45,17 +45,14 @@ def byte_sum(batch: Batch, token_bytes: jax.Array) -> jax.Array:
                  * batch["weights"].astype(jnp.float32))
 
 
-def chunked_loss_sums(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, batch: Batch,
-                      z_loss: float = 0.0, chunk: int = 0
-                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`loss_sums(head(hidden), batch, z_loss)` without the whole [B, T, V] logits: `head` maps
-  hidden states [B, c, D] to logits, `chunk` (c) tokens of each row at a time, and the backward
-  pass computes each chunk's logits again, so one chunk's logits exist at a time. At 8B scale
-  one 8192-token row's float32 logits over a 128k vocabulary are 4.2 GB. chunk 0 (or one that
-  covers the row) is the plain computation."""
-  b, t, d = hidden.shape
+def chunk_sums(fn: Callable, hidden: jax.Array, extras: tuple, chunk: int = 0):
+  """fn(hidden, *extras), a tree of sums over the tokens, computed `chunk` tokens of each row
+  at a time: hidden [B, T, D] and each of `extras` [B, T, ...] are cut along T, a scan adds
+  the chunks' results, and the backward pass computes each chunk again, so that one chunk's
+  logits exist at a time. chunk 0 (or one that covers the row) is one call."""
+  b, t = hidden.shape[:2]
   if not chunk or chunk >= t:
-    return loss_sums(head(hidden), batch, z_loss)
+    return fn(hidden, *extras)
   if t % chunk:
     raise ZooError(f"the loss chunk ({chunk} tokens) must divide the sequence length ({t})")
   n = t // chunk
@@ -63,14 +60,24 @@ def chunked_loss_sums(head: Callable[[jax.Array], jax.Array], hidden: jax.Array,
   def split(x):  # [B, T, ...] -> [n, B, chunk, ...]
     return jnp.moveaxis(x.reshape(b, n, chunk, *x.shape[2:]), 1, 0)
 
-  @jax.checkpoint
-  def one(h, targets, weights):
-    return loss_sums(head(h), {"targets": targets, "weights": weights}, z_loss)
+  one = jax.checkpoint(fn)
+  shapes = jax.eval_shape(one, *(x[:, :chunk] for x in (hidden, *extras)))
 
   def body(sums, xs):
-    return tuple(a + b for a, b in zip(sums, one(*xs), strict=True)), None
+    return jax.tree.map(jnp.add, sums, one(*xs)), None
 
-  zero = jnp.zeros((), jnp.float32)
-  sums, _ = jax.lax.scan(body, (zero, zero, zero),
-                         (split(hidden), split(batch["targets"]), split(batch["weights"])))
+  zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  sums, _ = jax.lax.scan(body, zero, tuple(split(x) for x in (hidden, *extras)))
   return sums
+
+
+def chunked_loss_sums(head: Callable[[jax.Array], jax.Array], hidden: jax.Array, batch: Batch,
+                      z_loss: float = 0.0, chunk: int = 0
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`loss_sums(head(hidden), batch, z_loss)` without the whole [B, T, V] logits: `head` maps
+  hidden states [B, c, D] to logits, `chunk` (c) tokens of each row at a time (`chunk_sums`).
+  At 8B scale one 8192-token row's float32 logits over a 128k vocabulary are 4.2 GB. chunk 0
+  (or one that covers the row) is the plain computation."""
+  def sums(h, targets, weights):
+    return loss_sums(head(h), {"targets": targets, "weights": weights}, z_loss)
+  return chunk_sums(sums, hidden, (batch["targets"], batch["weights"]), chunk)

@@ -36,6 +36,7 @@ from flax import nnx
 
 from zoo.errors import ZooError
 from zoo.lora import set_dropout_rng
+from zoo.models.loss import chunk_sums, token_losses
 
 LOSSES = ("sigmoid", "ipo", "hinge", "simpo")
 # What every step reports besides the optimizer's lr and grad_norm (per logged step).
@@ -122,29 +123,10 @@ def _row_logps(model, rows: dict, loss_chunk: int) -> jax.Array:
   hidden = model.hidden_states(rows["tokens"], rows["positions"], rows["segment_ids"])
 
   def sums(h, targets, weights):
-    logits = model.head(h).astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((target - log_z) * weights.astype(jnp.float32), axis=-1)
+    nll, _ = token_losses(model.head(h), targets)
+    return -jnp.sum(nll * weights.astype(jnp.float32), axis=-1)
 
-  n, t, _ = hidden.shape
-  if not loss_chunk or loss_chunk >= t:
-    return sums(hidden, rows["targets"], rows["weights"])
-  if t % loss_chunk:
-    raise ZooError(f"the loss chunk ({loss_chunk} tokens) must divide the sequence length ({t})")
-  k = t // loss_chunk
-
-  def split(x):  # [N, T, ...] -> [k, N, chunk, ...]
-    return jnp.moveaxis(x.reshape(n, k, loss_chunk, *x.shape[2:]), 1, 0)
-
-  one = jax.checkpoint(sums)
-
-  def body(total, xs):
-    return total + one(*xs), None
-
-  total, _ = jax.lax.scan(body, jnp.zeros((n,), jnp.float32),
-                          (split(hidden), split(rows["targets"]), split(rows["weights"])))
-  return total
+  return chunk_sums(sums, hidden, (rows["targets"], rows["weights"]), loss_chunk)
 
 
 def sequence_logps(graphdef: nnx.GraphDef, trees: tuple, batch: dict, *,
@@ -179,10 +161,16 @@ class PairModels:
     return frozen[-1] if self.own_reference else frozen[0]
 
 
+def _pair_counts(batch: dict) -> tuple[jax.Array, jax.Array]:
+  """The completions' token counts [B, 2], and which pairs are real [B] (padding pairs, in a
+  last eval batch, have none)."""
+  counts = jnp.sum(batch["weights"].astype(jnp.float32), axis=-1)
+  return counts, (counts[:, 0] > 0) & (counts[:, 1] > 0)
+
+
 def _sums(spec: DpoSpec, logps, ref_logps, batch) -> dict:
   """The batch's sums that the loss and the metrics are made of."""
-  counts = jnp.sum(batch["weights"].astype(jnp.float32), axis=-1)  # [B, 2]
-  real = (counts[:, 0] > 0) & (counts[:, 1] > 0)  # padding pairs (a last eval batch) have none
+  counts, real = _pair_counts(batch)
   w = real.astype(jnp.float32)
   loss, chosen, rejected = pair_losses(spec, logps, ref_logps, counts)
   loss = jnp.where(real, loss, 0.0)
@@ -261,8 +249,7 @@ def make_dpo_train_step(spec: DpoSpec, models: PairModels, tx: optax.GradientTra
     key = None
     if dropout:
       key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    counts = jnp.sum(batch["weights"].astype(jnp.float32), axis=-1)
-    real = (counts[:, 0] > 0) & (counts[:, 1] > 0)
+    counts, real = _pair_counts(batch)
     pairs = jnp.sum(real.astype(jnp.float32))
     chosen_tokens = jnp.sum(jnp.where(real, counts[:, 0], 0.0))
     if grad_accum == 1:
