@@ -28,22 +28,30 @@ from zoo.errors import ZooError
 ROLES = ("system", "user", "assistant", "tool")
 
 
+def check_messages(value, where: str, key: str) -> list[dict]:
+  """The chat messages `value` (record field `key`) as [{"role", "content"}], or a ZooError
+  naming `where`."""
+  if not isinstance(value, list):
+    raise ZooError(f"{where}: {key!r} is not a message list")
+  for m in value:
+    if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"),
+                                                                          str)):
+      raise ZooError(f"{where}: each message of {key!r} needs a role ({', '.join(ROLES)}) and "
+                     "a string content")
+  return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
 def check_record(record, where: str) -> dict:
   """The parts of a JSONL record that make an example; a ZooError naming `where` if bad."""
   if not isinstance(record, dict):
     raise ZooError(f"{where}: not a JSON object")
   if "messages" in record:
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
+    messages = check_messages(record["messages"], where, "messages")
+    if not messages:
       raise ZooError(f"{where}: 'messages' is not a non-empty list")
-    for m in messages:
-      if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"),
-                                                                            str)):
-        raise ZooError(f"{where}: each message needs a role ({', '.join(ROLES)}) and a string "
-                       "content")
     if not any(m["role"] == "assistant" for m in messages):
       raise ZooError(f"{where}: no assistant message to train on")
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+    return {"messages": messages}
   if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
     return {"prompt": record["prompt"], "completion": record["completion"]}
   raise ZooError(f"{where}: an instruction record needs 'prompt' and 'completion' strings, or "

@@ -45,7 +45,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from zoo.data.chat import chat_template_dir, render_chat
-from zoo.data.instruct import ROLES, encode_special
+from zoo.data.instruct import check_messages, encode_special
 from zoo.data.sources import (ZooText, check_batch_args, field, finish_batches, json_lines,
                               local_batch_size, match_files, prepared_split, process_share,
                               rows_split, text_files)
@@ -59,17 +59,6 @@ LAYOUT_WORDS = ("a preference record needs 'prompt', 'chosen' and 'rejected' (st
 
 
 # --- records ----------------------------------------------------------------------------------
-
-def _messages(value, where: str, key: str) -> list[dict]:
-  if not isinstance(value, list):
-    raise ZooError(f"{where}: {key!r} is not a message list")
-  for m in value:
-    if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"),
-                                                                          str)):
-      raise ZooError(f"{where}: each message of {key!r} needs a role ({', '.join(ROLES)}) and "
-                     "a string content")
-  return [{"role": m["role"], "content": m["content"]} for m in value]
-
 
 def extract_prompt(chosen: list, rejected: list) -> tuple[list, list, list]:
   """(prompt, chosen, rejected): the messages both start with, and what follows, as TRL's
@@ -115,11 +104,11 @@ def check_pair(record, where: str) -> dict:
         raise ZooError(f"{where}: {key!r} is empty: an empty completion has nothing to compare")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
   if isinstance(chosen, list) and isinstance(rejected, list):
-    chosen = _messages(chosen, where, "chosen")
-    rejected = _messages(rejected, where, "rejected")
+    chosen = check_messages(chosen, where, "chosen")
+    rejected = check_messages(rejected, where, "rejected")
     prompt = record.get("prompt")
     if isinstance(prompt, list):
-      prompt = _messages(prompt, where, "prompt")
+      prompt = check_messages(prompt, where, "prompt")
     else:  # no prompt, or a string beside full conversations: the shared start is the prompt
       prompt, chosen, rejected = extract_prompt(chosen, rejected)
     for key, messages in (("chosen", chosen), ("rejected", rejected)):
