@@ -26,6 +26,6 @@ def get_config(arg=None):
                       num_kv_heads=4, head_dim=64, max_position_embeddings=512))
   c.data.update(dict(source="python_stdlib", vocab_size=8000, seq_len=128, batch_size=8))
   c.optimizer.update(dict(lr=1e-3, warmup_steps=40, min_lr_ratio=0.1, weight_decay=0.1))
-  c.train.update(dict(steps=400, log_every=10, eval_every=100, eval_batches=8,
+  c.train.update(dict(steps=400, log_every=10, eval_every=100, eval_batches=40,
                       checkpoint_every=200, sample_prompt="def ", sample_tokens=48))
   return shrink(c) if args.get("shrink") else c

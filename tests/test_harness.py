@@ -237,10 +237,10 @@ def assert_same(ours: dict, ref: dict, tasks=TASKS):
         if isinstance(v, str):
           assert u == v, where
         elif isinstance(v, (list, tuple)):  # (log-likelihood, is greedy)
-          assert abs(u[0] - v[0]) <= 1e-4, (where, u, v)
+          assert math.isclose(u[0], v[0], rel_tol=1e-5, abs_tol=1e-4), (where, u, v)
           assert u[1] == v[1], (where, u, v)
         else:  # a rolling log-likelihood
-          assert abs(u - v) <= 1e-4, (where, u, v)
+          assert math.isclose(u, v, rel_tol=1e-5, abs_tol=1e-4), (where, u, v)
     metrics, expected = ours["results"][task], ref["results"][task]
     assert sorted(metrics) == sorted(expected), task
     for key, value in expected.items():

@@ -23,7 +23,8 @@ import zoo
 # Nodes on one line share a level; where two of them need each other, the earlier one is the
 # lower, and it imports nothing of the later one.
 LAYERS = [
-  ["zoo.errors", "zoo.paths", "zoo.io"],
+  # zoo.gcs: the Cloud Storage clients' timeouts and retries (zoo.paths names it by path only).
+  ["zoo.errors", "zoo.gcs", "zoo.paths", "zoo.io"],
   ["zoo.sharding", "zoo.models.config", "zoo.models.presets"],
   # Linear layers call the CPU kernel; the kernel knows nothing of layers.
   ["zoo.kernels", "zoo.layers"],

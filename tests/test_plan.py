@@ -5,6 +5,7 @@ imply, computed here by hand."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from zoo.errors import ZooError  # noqa: E402
 from zoo.layers.quant import is_quantized, nbytes, quantize_leaf  # noqa: E402
 from zoo.models.llama import params_of  # noqa: E402
 from zoo.models.presets import get_preset  # noqa: E402
-from zoo.plan import collectives, parse_topology, plan  # noqa: E402
+from zoo.plan import CHIPS, collectives, loop_costs, parse_topology, plan  # noqa: E402
 from zoo.train.config import load_config  # noqa: E402
 
 SMALL = "configs/default.py:shrink"  # hidden 64, 2 layers, vocab 512, 8 x 64 tokens
@@ -74,7 +75,7 @@ def test_fsdp_memory_parts_are_what_the_shardings_imply():
   # FSDP gathers the weights and scatters the gradients.
   assert p.collectives["all-gather"]["count"] > 0
   assert p.collectives["reduce-scatter"]["count"] + p.collectives["all-reduce"]["count"] > 0
-  assert 0 < p.roofline_mfu < 1
+  assert 0 < p.estimated_mfu < 1
   assert all(a["bytes"] <= parts["total"] for a in p.largest_allocations)
 
 
@@ -125,7 +126,7 @@ def test_local_devices_give_the_compilers_exact_arguments():
   parts = p.per_chip_bytes
   assert (p.topology, p.chips, p.mesh) == ("local", 8, {"data": 2, "fsdp": 4, "tensor": 1})
   assert parts["parameters"] + parts["optimizer"] + parts["batch"] == parts["arguments_compiled"]
-  assert p.fits is None and p.hbm_bytes is None and p.roofline_mfu is None
+  assert p.fits is None and p.hbm_bytes is None and p.estimated_mfu is None
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +201,7 @@ def test_the_table_says_where_its_figures_come_from(capsys):
   code, out, _ = run_cli(capsys, "--config", SMALL, "--topology", "v6e-4")
   assert code == 0
   assert "on v6e:2x2 (4 v6e chips" in out and "from the compiler" in out
-  assert "roofline bound" in out and "not a measurement" in out and out.strip().endswith(
+  assert "step time estimate" in out and "not a measurement" in out and out.strip().endswith(
       "headroom)")
 
 
@@ -242,11 +243,92 @@ def test_collectives_are_counted_from_the_hlo_text():
   %ar = (f32[10]{0}, s32[]) all-reduce(f32[10]{0} %a, s32[] %b), to_apply=%sum
   %fusion = f32[3]{0} fusion(f32[3]{0} %all-reduce.7), kind=kLoop
   """
-  found = collectives(hlo)
-  assert found["all-gather"] == {"count": 2, "bytes": 8 * 128 * 2 + 16 * 16 * 4}
-  assert found["reduce-scatter"] == {"count": 1, "bytes": 16}
-  assert found["all-reduce"] == {"count": 1, "bytes": 44}
+  found = collectives(hlo, chips=4)
+  # A ring of 4 chips: each sends 3/4 of a gathered result, 3 shards of a scattered one, and
+  # twice 3/4 of an all-reduced one.
+  assert found["all-gather"] == {"count": 2, "bytes": 8 * 128 * 2 + 16 * 16 * 4,
+                                 "traffic": 0.75 * (8 * 128 * 2 + 16 * 16 * 4)}
+  assert found["reduce-scatter"] == {"count": 1, "bytes": 16, "traffic": 3 * 16}
+  assert found["all-reduce"] == {"count": 1, "bytes": 44, "traffic": 1.5 * 44}
   assert found["all-to-all"]["count"] == found["collective-permute"]["count"] == 0
+
+
+# A step whose loop runs its body 3 times (JAX's scan: a counter from 0 while i < 3), the body
+# gathering over groups of 2 chips and calling a computation that all-reduces.
+LOOP_HLO = """HloModule step, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %sum = f32[] add(%a, %b)
+}
+
+%inner (x: f32[4]) -> f32[4] {
+  %x = f32[4]{0} parameter(0)
+  ROOT %ar = f32[4]{0} all-reduce(%x), replica_groups=[1,4]<=[4], to_apply=%add
+}
+
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
+  %p = (s32[], f32[4]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  %v = f32[4]{0} get-tuple-element(%p), index=1
+  %ag = f32[8]{0} all-gather(%v), replica_groups={{0,1},{2,3}}, dimensions={0}
+  %half = f32[4]{0} slice(%ag), slice={[0:4]}
+  %r = f32[4]{0} call(%half), to_apply=%inner
+  ROOT %t = (s32[], f32[4]{0}) tuple(%next, %r)
+}
+
+%cond (q: (s32[], f32[4])) -> pred[] {
+  %q = (s32[], f32[4]{0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %three = s32[] constant(3)
+  ROOT %lt = pred[] compare(%j, %three), direction=LT
+}
+
+ENTRY %main (arg: f32[4]) -> f32[4] {
+  %arg = f32[4]{0} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[4]{0}) tuple(%zero, %arg)
+  %loop = (s32[], f32[4]{0}) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[4]{0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_a_loops_collectives_and_costs_count_once_per_trip():
+  found = collectives(LOOP_HLO, chips=4)
+  assert found["all-gather"] == {"count": 3, "bytes": 3 * 32, "traffic": 3 * 32 / 2}
+  assert found["all-reduce"] == {"count": 3, "bytes": 3 * 16, "traffic": 3 * 16 * 1.5}
+  # The compiler's cost analysis counts the body once; the two other trips are added.
+  extra_flops, extra_bytes, trips = loop_costs(LOOP_HLO)
+  assert trips == [3] and extra_flops > 0 and extra_bytes > 0
+
+
+def test_the_step_time_estimate_follows_the_work():
+  # The estimate (the largest of compute, HBM traffic and collectives at the chip's rates) is a
+  # time, below the MFU that would take every FLOP at peak; the same model scanned or unrolled
+  # does the same work, and twice the batch takes about twice as long.
+  def estimate(**overrides):
+    p = plan(load_config(SMALL, overrides), topology="v5e:2x2")
+    assert p.estimated_step_seconds == max(p.step_seconds.values()) > 0
+    assert math.isfinite(p.estimated_step_seconds) and 0 < p.estimated_mfu < 1
+    assert p.estimated_mfu == pytest.approx(
+        p.model_flops_per_chip / (CHIPS["v5e"].peak_flops * p.estimated_step_seconds))
+    return p
+
+  scanned = estimate(**{"model.num_layers": 4, "scan_layers": True})
+  unrolled = estimate(**{"model.num_layers": 4, "scan_layers": False})
+  assert scanned.flops_per_chip == pytest.approx(unrolled.flops_per_chip, rel=0.05)
+  assert scanned.hbm_bytes_per_chip == pytest.approx(unrolled.hbm_bytes_per_chip, rel=0.2)
+  assert scanned.loop_trips == [4, 4] and unrolled.loop_trips == []
+  assert scanned.collectives["all-reduce"]["bytes"] == unrolled.collectives["all-reduce"]["bytes"]
+  assert scanned.estimated_step_seconds == pytest.approx(unrolled.estimated_step_seconds,
+                                                         rel=0.2)
+  one, two = estimate(**{"data.batch_size": 32}), estimate(**{"data.batch_size": 64})
+  assert 1.6 < two.estimated_step_seconds / one.estimated_step_seconds < 2.1
+  assert two.flops_per_chip == pytest.approx(2 * one.flops_per_chip, rel=0.05)
 
 
 @pytest.mark.parametrize("command, flag", [("plan", "--topology"), ("train", "--workdir")])

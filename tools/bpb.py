@@ -4,11 +4,14 @@
 
 For each WORKDIR it reads the run's config from its newest checkpoint, opens the held-out
 "validation" split of the dataset the run built (data.data_dir, default WORKDIR/data), and scores
-every document with the exported model (WORKDIR/model) and its tokenizer the way `zoo eval` does:
-BOS first, no EOS, rows of the run's data.seq_len predictions. The model's bits per byte is the
-summed negative log-likelihood / ln 2 / the documents' total UTF-8 bytes. gzip -9 and xz -9e
-compress the same documents one at a time (headers included, as the command-line tools would
-file by file); their bits per byte is the total compressed bits / the same total bytes.
+every document with the exported model (WORKDIR/model) and its tokenizer the way `zoo eval` does
+(zoo.infer.evaluate.perplexity): each document on its own, BOS first (as the run's data.add_bos
+says), no EOS, pieces of the run's data.seq_len predictions. The model's bits per byte is the
+summed negative log-likelihood / ln 2 / the documents' total UTF-8 bytes: the run's own eval_bpb
+(the end-of-run summary's figure) is the same number when its eval covers the whole split
+(train.eval_batches big enough; the summary says what it covered). gzip -9 and xz -9e compress
+the same documents one at a time (headers included, as the command-line tools would file by
+file); their bits per byte is the total compressed bits / the same total bytes.
 
 Human-readable lines first; the last line is one JSON object per WORKDIR (a list when several).
 """
@@ -73,7 +76,7 @@ def measure(workdir: str, batch_size: int) -> dict:
   model = zoo.load(model_dir)
   documents = [{"text": t} for t in texts]
   scored = perplexity(model, tokenizer, documents, seq_len=config.data.seq_len,
-                      batch_size=batch_size)
+                      batch_size=batch_size, add_bos=config.data.get("add_bos", True))
   # Each document compressed on its own, as `gzip -9 FILE` and `xz -9e FILE` would.
   baseline = compressed_bits_per_byte(documents)
   return {"workdir": workdir, "documents": len(texts), "bytes": scored["bytes"],

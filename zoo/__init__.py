@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 from zoo import paths  # noqa: E402
 
-paths.use_emulator()  # before a Cloud Storage client starts
+paths.configure_storage()  # before a Cloud Storage client starts
 
 from zoo.convert.checkpoint import load_model, save_params  # noqa: E402
 from zoo.errors import ZooError  # noqa: E402

@@ -34,7 +34,7 @@ from zoo.convert.random_init import init_checkpoint
 from zoo.convert.verify import compare, compare_gguf
 from zoo.data.chat import render_chat
 from zoo.data.tokenizers import load_tokenizer
-from zoo.errors import ZooError
+from zoo.errors import StorageError, ZooError
 from zoo.infer.evaluate import compressed_bits_per_byte, documents, perplexity
 from zoo.infer.generate import Generator, Sampling, generation_config_eos
 from zoo.lora import adapter_to_peft
@@ -364,6 +364,17 @@ def _config_name(fv: flags.FlagValues) -> str:
   return os.path.splitext(os.path.basename(fv["config"].config_filename.split(":")[0]))[0]
 
 
+def _eval_coverage(summary: dict) -> str:
+  """What the last eval scored, for the summary line (zoo.train.loop.evaluate): the whole
+  held-out split, or the documents train.eval_batches had room for."""
+  if "eval_documents" not in summary:
+    return ""
+  scored, total = int(summary["eval_documents"]), int(summary["eval_split_documents"])
+  what = (f"all {total} held-out documents" if scored == total else
+          f"{scored} of the {total} held-out documents (those train.eval_batches has room for)")
+  return f", over {what}, {int(summary['eval_bytes'])} bytes"
+
+
 def train_main(argv: list[str]) -> int:
   """`zoo train`: ml_collections config files with --config.FIELD=VALUE overrides (locked)."""
   def define(fv):
@@ -390,8 +401,8 @@ def train_main(argv: list[str]) -> int:
   print(f"trained {summary['step']} steps in {workdir}")
   if "first_eval_loss" in summary:
     print(f"eval loss: {summary['first_eval_loss']:.3f} (first eval) -> "
-          f"{summary['eval_loss']:.3f} (last); bits per byte: {summary['first_eval_bpb']:.3f} "
-          f"-> {summary['eval_bpb']:.3f}")
+          f"{summary['eval_loss']:.3f} (last); bits per byte: {summary['first_eval_bpb']:.4f} "
+          f"-> {summary['eval_bpb']:.4f}{_eval_coverage(summary)}")
   if "sample" in summary:
     print("sample:\n    " + summary["sample"].replace("\n", "\n    "))
   for key in ("checkpoints", "model", "adapter", "peft_adapter", "tensorboard", "plot",
@@ -548,6 +559,10 @@ def main(argv: list[str] | None = None) -> int:
   except ZooError as e:
     message = str(e)
     print(message if message.startswith("zoo") else f"zoo: error: {message}", file=sys.stderr)
+    if isinstance(e, StorageError):
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(2)  # not joining the background writes still waiting on the storage
     return 2
   except KeyboardInterrupt:
     print("zoo: interrupted", file=sys.stderr)

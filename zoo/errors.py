@@ -7,3 +7,10 @@ keeps its traceback.
 
 class ZooError(Exception):
   """A problem with the user's input, reported as one line without a traceback."""
+
+
+class StorageError(ZooError):
+  """The storage under a run stopped taking its writes (a bucket that stopped answering: the
+  clients' timeouts and retries spent). The command line exits at once after the line: orbax's
+  background writes to that storage may still be waiting on it, and a process that joined
+  them would outlive its error by minutes."""

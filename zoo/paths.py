@@ -31,14 +31,19 @@ DESCRIPTIONS = ("zoo.json", "config.json", "params.json", "zoo_adapter.json",
                 "adapter_config.json")
 
 
-def use_emulator() -> None:
-  """Points tensorstore and gcsfs at `STORAGE_EMULATOR_HOST` when it is set (gcsfs's own client
-  reads it; tensorstore needs it under its own name, and gcsfs's experimental gRPC probe would
-  wait a minute on an emulator before falling back to HTTP)."""
+def configure_storage() -> None:
+  """Points gs:// at zoo.gcs's gcsfs (fsspec's and so etils epath's gs://, for every path zoo,
+  orbax and grain open, list or delete; imported only when a gs:// path is used), whose
+  timeouts and retries are set there; zoo.train.checkpoint sets tensorstore's. With
+  `STORAGE_EMULATOR_HOST` set (a local emulator, as the tests use), both are pointed at it."""
   host = os.environ.get("STORAGE_EMULATOR_HOST")
   if host:
     os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host)
+    # gcsfs's experimental gRPC probe would wait a minute on an emulator before using HTTP
     os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+  import fsspec
+  for name in ("gs", "gcs"):
+    fsspec.register_implementation(name, "zoo.gcs.GCSFileSystem", clobber=True)
 
 
 def is_remote(path) -> bool:
@@ -161,6 +166,15 @@ def push_tree(local: str, remote: str) -> None:
         shutil.copyfileobj(a, b, 16 << 20)
 
 
+def reason(e: BaseException) -> str:
+  """An exception as a few words on one line: its type, and its message if it has one."""
+  message = " ".join(str(e).split())[:300]
+  name = type(e).__name__
+  if not message and isinstance(e, TimeoutError):  # fsspec's and asyncio's say nothing
+    message = "no answer in time"
+  return f"{name}: {message}" if message and message != name else name
+
+
 def path(p) -> epath.Path:
   return epath.Path(p)
 
@@ -259,6 +273,12 @@ class Mirror:
   def sync(self) -> None:
     if self.remote is None:
       return
+    try:
+      self._upload()
+    except Exception as e:  # noqa: BLE001 (gcsfs: its timeouts and retries spent, zoo.gcs)
+      raise ZooError(f"uploading to {self.remote} failed ({reason(e)})") from None
+
+  def _upload(self) -> None:
     for root, _, names in os.walk(self.local):
       for n in names:
         f = os.path.join(root, n)

@@ -38,7 +38,7 @@ def test_masks_match_reference(window, packed):
     allowed = allowed & (seg[:, :, None] == seg[:, None, :])
   out = dot_product_attention(q, k, v, segment_ids=None if seg is None else jnp.asarray(seg),
                               window=window)
-  np.testing.assert_allclose(out, naive_attention(q, k, v, allowed), atol=1e-5)
+  np.testing.assert_allclose(out, naive_attention(q, k, v, allowed), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["tiny_llama", "tiny_mistral", "tiny_mixtral"])
@@ -54,7 +54,7 @@ def test_packed_rows_equal_separate_documents(preset):
   segments = np.concatenate([np.full(len(d), i + 1) for i, d in enumerate(docs)])[None]
   packed = model(jnp.asarray(row), jnp.asarray(positions), jnp.asarray(segments))
   alone = [model(jnp.asarray(d[None]))[0] for d in docs]
-  np.testing.assert_allclose(packed[0], np.concatenate(alone), atol=1e-5)
+  np.testing.assert_allclose(packed[0], np.concatenate(alone), atol=1e-5, rtol=1e-5)
   # Without segment ids the second document would see the first: the test can fail.
   unpacked = model(jnp.asarray(row), jnp.asarray(positions))
   assert np.abs(unpacked[0, 21:] - alone[1]).max() > 1e-2
@@ -65,7 +65,7 @@ def test_moe_implementations_agree():
   x = jax.random.normal(jax.random.key(3), (2, 9, config.hidden_size))
   ragged = Llama(config, moe_impl="ragged", rngs=nnx.Rngs(0)).layers[0].block_sparse_moe
   dense = Llama(config, moe_impl="dense", rngs=nnx.Rngs(0)).layers[0].block_sparse_moe
-  np.testing.assert_allclose(ragged(x), dense(x), atol=1e-5)
+  np.testing.assert_allclose(ragged(x), dense(x), atol=1e-5, rtol=1e-5)
   # The reference: each token through its top-k experts, one at a time.
   experts, weights, _ = ragged.route(x.reshape(-1, config.hidden_size))
   w1, w2, w3 = (np.asarray(w[...]) for w in (ragged.experts.w1, ragged.experts.w2,
@@ -77,7 +77,7 @@ def test_moe_implementations_agree():
       gate = token @ w1[e]
       want[n] += w * ((gate / (1 + np.exp(-gate)) * (token @ w3[e])) @ w2[e])
   np.testing.assert_allclose(np.asarray(ragged(x)).reshape(-1, config.hidden_size), want,
-                             atol=1e-5)
+                             atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("preset", ["tiny_qwen3_moe", "tiny_llama4"])
@@ -92,4 +92,4 @@ def test_moe_implementations_agree_for_the_new_routers(preset):
     ragged = Llama(config, moe_impl="ragged", rngs=nnx.Rngs(0)).layers[layer].block_sparse_moe
     dense = Llama(config, moe_impl="dense", rngs=nnx.Rngs(0)).layers[layer].block_sparse_moe
     assert float(jnp.abs(ragged(x)).max()) > 0.1
-    np.testing.assert_allclose(ragged(x), dense(x), atol=1e-5)
+    np.testing.assert_allclose(ragged(x), dense(x), atol=1e-5, rtol=1e-5)

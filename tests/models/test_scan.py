@@ -117,7 +117,7 @@ def test_a_checkpoint_streams_into_sharded_stacks_one_layer_at_a_time(save_hf, m
   x = tokens(length=24)
   with sharding.use(mesh, rules):
     logits = nnx.merge(graphdef, params).logits(x)
-  np.testing.assert_allclose(logits, hf_logits(ref_model, x), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(logits, hf_logits(ref_model, x), atol=1e-4, rtol=1e-5)
 
 
 def test_a_stacked_weight_is_quantized_layer_by_layer():
@@ -173,18 +173,18 @@ def test_adapters_on_scanned_layers_are_the_unrolled_ones_stacked(save_hf, tmp_p
                                 else values[name]))
     lora.set_dropout_rng(model, jax.random.key(9))
   x = tokens(length=16)
-  np.testing.assert_allclose(scanned.logits(x), unrolled.logits(x), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(scanned.logits(x), unrolled.logits(x), atol=1e-5, rtol=1e-5)
   # the files hold layers one by one, as peft and zoo's unrolled models read them
   lora.save_peft(scanned, str(tmp_path / "peft"), spec)
   back = zoo.load(path, adapter=str(tmp_path / "peft"))
   for model in (unrolled, scanned):
     for m in (m for _, m in lora._modules(model)):
       m.lora_rng = None
-  np.testing.assert_allclose(back.logits(x), unrolled.logits(x), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(back.logits(x), unrolled.logits(x), atol=1e-5, rtol=1e-5)
   merged = lora.merged_params(scanned)
   assert not any(stack.is_stacked(n) for n in merged)
   np.testing.assert_allclose(zoo.models.llama.from_params(scanned.config, merged).logits(x),
-                             unrolled.logits(x), atol=1e-4, rtol=0)
+                             unrolled.logits(x), atol=1e-4, rtol=1e-5)
 
 
 def test_adapters_on_some_of_the_scanned_layers_are_refused():

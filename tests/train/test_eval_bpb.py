@@ -1,4 +1,4 @@
-"""The loop's held-out bits per byte: its nats over the bytes of the text its targets decode to."""
+"""The loop's held-out bits per byte: its nats over the UTF-8 bytes of the documents it scored."""
 
 import json
 import math
@@ -8,32 +8,31 @@ import pytest
 
 from tests.helpers import flags, small_config
 from zoo.cli import main
+from zoo.data.sources import text_source
 from zoo.data.tokenizers import load_tokenizer
 from zoo.train.config import base_config
-from zoo.train.setup import prepare
 
 
 @pytest.mark.slow
-def test_eval_bpb_is_nats_over_decoded_bytes(corpus, tmp_path, capsys):
+def test_eval_bpb_is_nats_over_the_scored_documents_bytes(corpus, tmp_path, capsys):
   overrides = {"train.steps": 3, "train.eval_every": 3, "train.eval_batches": 2}
   args = flags(corpus, **overrides)
   assert main(["train", "--workdir", str(tmp_path), *args]) == 0
   out = capsys.readouterr().out
   with open(tmp_path / "metrics.jsonl") as f:
     record = [json.loads(line) for line in f][-1]
-  assert "bits per byte" in out and f"{record['eval_bpb']:.3f}" in out
-  # The same held-out batches, decoded by the tokenizer itself.
-  run = prepare(small_config(corpus, **overrides), str(tmp_path))
+  assert "bits per byte" in out and f"{record['eval_bpb']:.4f}" in out
+  # The first documents of the held-out split, whole: every token after BOS predicted (no
+  # EOS), over the documents' own UTF-8 bytes.
+  config = small_config(corpus, **overrides)
+  source = text_source(config.data, "validation", corpus["data_dir"])
   tokenizer = load_tokenizer(str(tmp_path / "model"))
-  batches = run.data("validation")
-  weight = num_bytes = 0.0
-  for _ in range(2):
-    batch = next(batches)
-    weight += float(batch["weights"].sum())
-    for targets, w in zip(batch["targets"], batch["weights"]):
-      num_bytes += len(tokenizer.decode(targets[w > 0]).encode("utf-8"))
-  assert num_bytes > 500  # two batches of 8 x 32 tokens
-  expected = record["eval_loss"] * weight / math.log(2) / num_bytes
+  texts = [source[i]["text"] for i in range(int(record["eval_documents"]))]
+  texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
+  predicted = sum(len(tokenizer.encode(t)) for t in texts)
+  num_bytes = sum(len(t.encode("utf-8")) for t in texts)
+  assert record["eval_bytes"] == num_bytes > 500
+  expected = record["eval_loss"] * predicted / math.log(2) / num_bytes
   np.testing.assert_allclose(record["eval_bpb"], expected, rtol=1e-5)
   # Bits per byte sit below bits per token by the text's bytes per token.
   assert record["eval_bpb"] < record["eval_loss"] / math.log(2)

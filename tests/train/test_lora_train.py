@@ -86,13 +86,13 @@ def test_lora_run_saves_only_adapters_and_peft_loads_them(lora_reference, corpus
   ours = zoo.load(base, adapter=str(workdir / "adapter")).logits(x)
   assert np.abs(ours - plain).max() > 1e-3
   np.testing.assert_allclose(zoo.load(base, adapter=str(workdir / "adapter_peft")).logits(x),
-                             ours, atol=1e-5, rtol=0)
+                             ours, atol=1e-5, rtol=1e-5)
   # HF peft on the transformers export of the base gives the same logits
   hf_dir = str(tmp_path / "base_hf")
   convert(base, hf_dir, "hf")
   hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
   adapted = peft.PeftModel.from_pretrained(hf, str(workdir / "adapter_peft")).eval()
-  np.testing.assert_allclose(hf_logits(adapted, x), ours, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(hf_logits(adapted, x), ours, atol=1e-4, rtol=1e-5)
   config = json.loads((workdir / "adapter_peft" / "adapter_config.json").read_text())
   assert config["r"] == 4 and config["lora_alpha"] == 8 and config["lora_dropout"] == 0.1
   assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
@@ -113,12 +113,12 @@ def test_a_scanned_lora_run_follows_the_unrolled_one(lora_reference, scanned_lor
   (ref_dir, reference), (scan_dir, got) = lora_reference, scanned_lora_reference
   assert sorted(got) == sorted(reference)
   np.testing.assert_allclose([got[s] for s in sorted(got)],
-                             [reference[s] for s in sorted(got)], atol=2e-5, rtol=0)
+                             [reference[s] for s in sorted(got)], atol=2e-5, rtol=1e-5)
   for name in ("adapter/adapter.safetensors", "adapter_peft/adapter_model.safetensors"):
     ours, theirs = (load_file(str(d / name)) for d in (scan_dir, ref_dir))
     assert set(ours) == set(theirs)
     for key, value in theirs.items():
-      np.testing.assert_allclose(ours[key], value, atol=1e-5, rtol=0, err_msg=key)
+      np.testing.assert_allclose(ours[key], value, atol=1e-5, rtol=1e-5, err_msg=key)
 
 
 def test_zoo_export_of_a_scanned_lora_checkpoint(scanned_lora_reference, tmp_path):
@@ -162,7 +162,7 @@ def test_qlora_run_trains_on_a_quantized_base(lora_reference, corpus, base, tmp_
   assert code == 0, err
   scanned = losses(tmp_path / "scanned")
   np.testing.assert_allclose([scanned[s] for s in sorted(got)], [got[s] for s in sorted(got)],
-                             atol=2e-5, rtol=0)
+                             atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arg,words", [

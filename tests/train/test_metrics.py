@@ -239,3 +239,40 @@ def test_mfu():
   assert mfu(1000.0, 6e6, 1.2e10) == pytest.approx(0.5)
   with pytest.raises(ZooError, match="peak_flops"):
     mfu(1000.0, 6e6, 0.0)
+
+
+@pytest.mark.slow
+def test_throughput_at_eval_and_checkpoint_steps(corpus, tmp_path):
+  """tokens_per_sec and MFU are the steps' own: the eval and the checkpoint save at the steps
+  that keep the state, and compilation, are timed and logged on their own (eval_seconds,
+  checkpoint_seconds, compile_seconds), not spread over the steps around them. Before, with
+  each step's metrics read a step late, the step before an eval logged a rate 50-100 times too
+  low and the eval step one 50-100 times too high (MFU 2.0 on a CPU). The peak is measured
+  (train.peak_flops 0), so MFU is against this machine's own matmul rate."""
+  import statistics
+
+  from tests.helpers import flags, zoo_train
+  # a model big enough that a step is tens of milliseconds, not scheduling noise
+  code, _, err = zoo_train(tmp_path, *flags(corpus, **{
+      "model.hidden_size": 128, "model.intermediate_size": 256, "model.head_dim": 32,
+      "data.seq_len": 128, "train.steps": 30, "train.eval_every": 10,
+      "train.checkpoint_every": 10, "train.eval_batches": 2, "train.peak_flops": 0,
+      "train.async_checkpoints": False, "train.log_every": 5}))
+  assert code == 0, err
+  records = read_metrics(os.path.join(tmp_path, "metrics.jsonl"))
+  rates = {r["step"]: r["tokens_per_sec"] for r in records if "tokens_per_sec" in r}
+  # Each rate is over the 5 steps since the last log point (on a CPU the host's work shares
+  # the cores with the step's, so one step's time alone moves by half either way); the first
+  # step, compilation and start-up, is not a rate.
+  assert sorted(rates) == [5, 10, 15, 20, 25, 30]
+  median = statistics.median(rates.values())
+  outliers = {step: round(rate / median, 2) for step, rate in rates.items()
+              if not median / 2 <= rate <= median * 2}
+  assert not outliers, (median, outliers)
+  assert all(0 < r["mfu"] <= 1 for r in records if "mfu" in r)
+  timed = {key: sorted(r["step"] for r in records if key in r)
+           for key in ("eval_seconds", "checkpoint_seconds")}
+  # the first step is saved too (zoo.train.checkpoint.Checkpointer.due)
+  assert timed == {"eval_seconds": [10, 20, 30], "checkpoint_seconds": [1, 10, 20, 30]}
+  first = [r for r in records if r["step"] == 1][0]
+  assert 0 < first["compile_seconds"] < first["first_step_seconds"]

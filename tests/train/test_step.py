@@ -111,7 +111,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
   np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(four["params"])):
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
   assert int(one["step"]) == 1
 
 
@@ -150,7 +150,7 @@ def test_losses_agree_across_meshes(mesh_shape, single_device_losses):
   assert len(jax.devices()) == 8, "tests run with 8 host CPU devices (see tests/conftest.py)"
   losses, state = run_steps(mesh_shape)
   assert losses[-1] < losses[0]  # it trains
-  np.testing.assert_allclose(losses, single_device_losses, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(losses, single_device_losses, atol=1e-5, rtol=1e-5)
   # The parameters really are laid out as the rules table says.
   kernel = state["params"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
   embedding = state["params"]["embed_tokens"]["embedding"]
@@ -173,7 +173,7 @@ def test_moe_steps_with_experts_sharded_equal_one_device(preset):
   config = get_preset(preset, vocab_size=256, initializer_range=0.1)
   one, _ = run_steps((1, 1, 1), config=config)
   losses, state = run_steps((2, 2, 2), config=config, rules=EXPERT_RULES)
-  np.testing.assert_allclose(losses, one, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(losses, one, atol=1e-5, rtol=1e-5)
   moe = next(layer for layer in state["params"]["layers"].values()
              if "block_sparse_moe" in layer)["block_sparse_moe"]
   w1 = moe["experts"]["w1"]
@@ -186,7 +186,7 @@ def test_full_remat_on_a_mesh(single_device_losses):
   """The recomputing layer (remat "full") under the rules table's shardings trains like the
   plain single-device step."""
   losses, _ = run_steps((2, 2, 2), remat="full")
-  np.testing.assert_allclose(losses, single_device_losses, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(losses, single_device_losses, atol=1e-5, rtol=1e-5)
 
 
 def layer_grads(remat, batch):

@@ -25,7 +25,7 @@ bf16.
 `plan` runs `zoo plan --json` (the TPU compiler, libtpu) on every shipped config for the
 Cloud TPU slice its docstring names, the fine-tuning configs with Llama 3 8B's config.json, and
 on MaxText's Llama 3.1 8B v6e recipe shape as the peer: per-chip memory against HBM, whether it
-fits, compile time and the roofline MFU bound.
+fits, compile time and the estimated step time and the MFU it implies.
 
 `dpo` times zoo's DPO step (full, then LoRA on every linear layer) on the train benchmark's
 model shape against TRL's DPOTrainer step (its collator and loss, torch.optim.AdamW) on the same

@@ -10,7 +10,7 @@ import sys
 import time
 
 from bench import models
-from bench.harness import QUIET, Worker, call, interleave_and_close, median, probe
+from bench.harness import QUIET, Worker, call, cpu_model, interleave_and_close, median, probe
 
 # Per batch size: (what, the least ratio, the key of the ratio in that batch's results). Batch 1
 # must reach llama.cpp's rate; 1.7x transformers is that rate expressed against transformers,
@@ -219,6 +219,9 @@ def run(args, workdir: str) -> dict:
         line += (f", {label} {row[key + '_tokens_per_sec']:6.1f} tokens/s: "
                  f"zoo/{name} {row[ratio_key]:.2f}x")
     print(line)
+    if batch == 1 and not row["zoo_cpu_kernel"]:
+      print("  note: zoo's one-row CPU kernel (zoo.kernels.gemv) was not built (no C++ compiler, "
+            "or ZOO_CPU_GEMV=0): batch 1 ran XLA's single-core products")
     if row["background_cpu"] > QUIET:
       print(f"  WARNING: other processes used {row['background_cpu']:.0%} of the CPUs")
     per_batch[str(batch)] = row
@@ -247,6 +250,6 @@ def run(args, workdir: str) -> dict:
           "llamacpp_tokens_per_sec": first.get("llamacpp_tokens_per_sec"),
           "bound_tokens_per_sec": first["bound_tokens_per_sec"], "per_batch": per_batch,
           "read_bandwidth": bandwidth, "bandwidth_detail": bw, "step_bytes": model["step_bytes"],
-          "params": model["params"], "new_tokens": args.new_tokens,
+          "params": model["params"], "cpu": cpu_model(), "new_tokens": args.new_tokens,
           "prompt_len": args.prompt_len, "rounds": args.rounds,
           "peer": None if args.no_peer else "transformers generate"}

@@ -152,6 +152,17 @@ def median(xs):
   return (xs[n // 2] + xs[(n - 1) // 2]) / 2
 
 
+def cpu_model() -> str:
+  """The CPU's model name and core count, as Linux says (for the benchmarks' result lines: the
+  absolute figures, and so the ratios, depend on the machine)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+  except OSError:
+    names = []
+  return f"{names[0] if names else 'unknown CPU'}, {os.cpu_count() or 1} cores"
+
+
 def cpu_busy_seconds() -> float | None:
   """CPU-seconds the whole machine has spent busy since boot (Linux /proc/stat), or None."""
   try:

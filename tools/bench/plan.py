@@ -20,7 +20,8 @@ import time
 
 from bench.harness import TOOLS
 
-HELP = "zoo plan on every shipped config for the slice its docstring names: GiB per chip, fits"
+HELP = ("zoo plan on every shipped config for the slice its docstring names: GiB per chip, "
+        "fits, estimated step time")
 
 ROOT = os.path.dirname(TOOLS)
 GiB = 2**30
@@ -84,7 +85,11 @@ def row(name: str, r: dict) -> dict:
           "optimizer_gib": round(parts["optimizer"] / GiB, 2),
           "temporaries_gib": round(parts["temporaries"] / GiB, 2),
           "compile_seconds": round(r["compile_seconds"], 1),
-          "roofline_mfu": None if r["roofline_mfu"] is None else round(r["roofline_mfu"], 3)}
+          "step_seconds": (None if r["estimated_step_seconds"] is None
+                           else round(r["estimated_step_seconds"], 4)),
+          "bound_by": (None if r["step_seconds"] is None
+                       else max(r["step_seconds"], key=r["step_seconds"].get)),
+          "estimated_mfu": None if r["estimated_mfu"] is None else round(r["estimated_mfu"], 3)}
 
 
 def run(args, workdir: str) -> dict:
@@ -94,7 +99,7 @@ def run(args, workdir: str) -> dict:
   checkpoint = None
   rows = []
   print(f"{'config':34s}{'slice':15s}{'GiB/chip':>10s}{'HBM':>8s}{'need/HBM':>10s}"
-        f"{'fits':>6s}{'compile s':>11s}{'MFU bound':>11s}")
+        f"{'fits':>6s}{'compile s':>11s}{'step s':>9s}{'bound by':>13s}{'MFU':>7s}")
   jobs = []
   for name in names:
     path = os.path.join(ROOT, "configs", f"{name}.py")
@@ -109,12 +114,14 @@ def run(args, workdir: str) -> dict:
   for name, config, topology, overrides in jobs:
     r = row(name, zoo_plan(config, topology, overrides, args.timeout))
     rows.append(r)
-    mfu = "-" if r["roofline_mfu"] is None else f"{r['roofline_mfu']:.1%}"
+    mfu = "-" if r["estimated_mfu"] is None else f"{r['estimated_mfu']:.1%}"
+    step = "-" if r["step_seconds"] is None else f"{r['step_seconds']:.3g}"
     print(f"{name:34s}{topology:15s}{r['per_chip_gib']:10.2f}{r['hbm_gib']:8.2f}"
           f"{r['need_over_hbm']:10.3f}{'yes' if r['fits'] else 'NO':>6s}"
-          f"{r['compile_seconds']:11.1f}{mfu:>11s}", flush=True)
+          f"{r['compile_seconds']:11.1f}{step:>9s}{r['bound_by'] or '-':>13s}{mfu:>7s}",
+          flush=True)
   fit = sum(1 for r in rows if r["fits"] and r["config"] in names)
   print(f"{fit} of {len(names)} shipped configs fit the slice their docstring names "
-        f"(fine-tuning configs planned with {FINE_TUNED}); memory from the TPU compiler, MFU a "
-        "roofline bound")
+        f"(fine-tuning configs planned with {FINE_TUNED}); memory from the TPU compiler; step "
+        "time and MFU an estimate from the chips' public figures (zoo.plan.estimate_step)")
   return {"rows": rows, "fits": fit, "configs": len(names), "fine_tuned_model": FINE_TUNED}

@@ -10,7 +10,9 @@ the previous one is used.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -21,14 +23,35 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from zoo import paths, sharding
+from zoo import gcs, paths, sharding
 from zoo.convert.checkpoint import Checkpoint
-from zoo.errors import ZooError
+from zoo.errors import StorageError, ZooError
 from zoo.layers.quant import is_quantized, stack_quantized
 from zoo.models import stack
 
+# before orbax makes a tensorstore context, or tensorstore starts its HTTP transport
+gcs.set_tensorstore_timeouts()
+gcs.set_tensorstore_retries()
+
 # Phrases of orbax's errors for a restore target that does not fit the saved tree.
 _MISMATCH = ("tree structures do not match", "Requested shape", "shape mismatch")
+
+
+class _OneLineBackgroundErrors(logging.Filter):
+  """An error that orbax (absl logging) or gcsfs logs from a background thread of a save, as
+  one line: the exception reaches the loop, which reports it as a one-line error; the
+  tracebacks of its echoes in the writers' threads would bury that line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and record.threadName != "MainThread":
+      error = record.exc_info[1]
+      record.msg = f"{record.getMessage()} ({paths.reason(error)})" if error else \
+          record.getMessage()
+      record.args, record.exc_info, record.exc_text = None, None, None
+    return True
+
+
+_ONE_LINE = _OneLineBackgroundErrors()
 
 
 class Checkpointer:
@@ -36,21 +59,67 @@ class Checkpointer:
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
     self.every = every
     self.directory = paths.resolve(directory)  # local, or gs:// (orbax writes there directly)
-    options = ocp.CheckpointManagerOptions(save_interval_steps=max(every, 1), max_to_keep=keep,
-                                           enable_async_checkpointing=async_save, create=True)
+    # The step's directories are made before the save returns, not in orbax's background
+    # threads: there, a failure to make one (a bucket that stopped answering) left the other
+    # threads waiting for its signal until orbax's 300 s coordination timeout.
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(every, 1), max_to_keep=keep,
+        enable_async_checkpointing=async_save, create=True,
+        async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False))
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data", "meta"))
+    self._in_flight: set[int] = set()  # saves started and not yet known to be complete
+    for name in ("absl", "gcsfs"):
+      logging.getLogger(name).addFilter(_ONE_LINE)  # once: a filter is added only once
 
   def due(self, step: int) -> bool:
-    """Whether `save(step, ...)` would save (the step is on the interval)."""
+    """Whether `save(step, ...)` would save: the step is on the interval, or it is the first
+    step of a run that has no checkpoint yet (orbax's rule: a run whose checkpoint storage does
+    not work fails at its first step, not after `every` steps)."""
     return bool(self.every) and self.manager.should_save(step)
 
   def save(self, step: int, state: Any, data_iter, meta: dict, *, force: bool = False) -> bool:
     """Saves if `step` is on the interval (or `force`); returns whether it started a save."""
+    if not (force or self.due(step)):
+      return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=grain.checkpoint.CheckpointSave(data_iter),
                               meta=ocp.args.JsonSave(meta))
-    return self.manager.save(step, args=args, force=force)
+    self.wait()  # the save before (orbax would wait for it too): its failure is its own
+    with self._storage_errors(f"saving the checkpoint at step {step}"):
+      started = self.manager.save(step, args=args, force=True)
+    if started:
+      self._in_flight.add(step)
+    return started
+
+  @contextlib.contextmanager
+  def _storage_errors(self, doing: str):
+    """A failure of the storage under a save (a bucket that stops answering, a full disk: the
+    clients' timeouts and retries are spent, see zoo.gcs) as a one-line StorageError naming
+    where, and the newest checkpoint that is complete."""
+    try:
+      yield
+    except ZooError:
+      raise
+    except Exception as e:  # noqa: BLE001 (orbax, tensorstore, gcsfs and OS errors)
+      where = (paths.REMOTE + self.directory[len(paths.REMOTE):].split("/")[0]
+               if paths.is_remote(self.directory) else self.directory)
+      raise StorageError(f"{doing} in {where} failed ({paths.reason(e)}); "
+                         f"{self.complete_words()}") from None
+
+  def complete_words(self) -> str:
+    """Words naming the newest checkpoint known to be complete (no save in flight)."""
+    done = self._committed_steps()
+    if not done:
+      return "no checkpoint is known to be complete"
+    return f"the newest checkpoint known to be complete is step {max(done)} in {self.directory}"
+
+  def _committed_steps(self) -> list[int]:
+    try:
+      steps = self.manager.all_steps()  # orbax's own record of them, no listing
+    except Exception:  # noqa: BLE001
+      steps = []
+    return [s for s in steps if s not in self._in_flight]
 
   def restore_latest(self, abstract_state: Any, data_iter, shared_data: bool = False
                      ) -> tuple[int, Any, dict] | None:
@@ -115,10 +184,16 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def wait(self):
-    self.manager.wait_until_finished()
+    if not self._in_flight:
+      return
+    steps = ", ".join(map(str, sorted(self._in_flight)))
+    with self._storage_errors(f"finishing the checkpoint at step {steps}"):
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    self._in_flight.clear()
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 

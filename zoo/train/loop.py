@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 from zoo import paths, sharding
 from zoo.convert.checkpoint import save_params
-from zoo.errors import ZooError
+from zoo.errors import StorageError, ZooError
+from zoo.infer.evaluate import Coverage, empty_batch, held_out_batches
 from zoo.infer.generate import Generator, Sampling
 from zoo.lora import save_adapter, save_peft
 from zoo.models import stack
@@ -65,13 +66,14 @@ def train(config, workdir: str) -> dict:
     return last_checkpoint_words(last_saved, workdir)
 
   with sharding.use(trainer.run.mesh, trainer.run.rules), StopFlag() as stop, \
-       Progress(tcfg.steps, start) as progress:
+       Progress(tcfg.steps, start) as progress, throughput:
     pending = PendingSteps(metrics, throughput, progress, summary["losses"], stop_words)
     for step in range(start + 1, tcfg.steps + 1):
+      batch = trainer.global_batch(next(data))
+      throughput.dispatching(step)
       # Dispatched without waiting: the device runs it while the host logs the step before
       # and loads the next batch.
-      state, out = trainer.train_step(state, trainer.global_batch(next(data)),
-                                      *trainer.frozen)
+      state, out = trainer.train_step(state, batch, *trainer.frozen)
       pending.add(step, out)
       evaluating = bool(tcfg.eval_every) and (step % tcfg.eval_every == 0 or step == tcfg.steps)
       if not (evaluating or checkpoints.due(step) or stop.signal or step == tcfg.steps):
@@ -79,15 +81,30 @@ def train(config, workdir: str) -> dict:
         if logged is not None:
           heartbeat.beat(logged)
         continue
-      # This step's state is kept (evaluated or saved): its loss must be known first.
-      extra = evaluate(trainer, state["params"], token_bytes) if evaluating else None
-      heartbeat.beat(pending.log(keep=0, extra=extra))
+      # This step's state is kept (evaluated or saved): its loss must be known first, and its
+      # time is taken before the eval and the save, which the throughput leaves out.
+      pending.read(keep=0)
+      extra = None
+      if evaluating:
+        with throughput.excluded() as took:
+          extra = evaluate(trainer, state["params"], token_bytes)
+        extra["eval_seconds"] = took.seconds
+      heartbeat.beat(pending.write(extra))
       for key, value in (extra or {}).items():  # eval_loss and eval_bpb; DPO's eval_*
-        summary[key] = value
-        summary.setdefault(f"first_{key}", value)
-      if checkpoints.save(step, state, data, meta, force=stop.signal is not None):
+        if key != "eval_seconds":
+          summary[key] = value
+          summary.setdefault(f"first_{key}", value)
+      with throughput.excluded() as took:
+        saved = checkpoints.save(step, state, data, meta, force=stop.signal is not None)
+      if saved:
         last_saved = step
-        metrics.sync()
+        # A record of its own, after the step's: the step's loss is in the log before its
+        # checkpoint can exist, so a resumed run never lacks a step.
+        metrics.write(step, {"checkpoint_seconds": took.seconds})
+        try:
+          metrics.sync()
+        except ZooError as e:
+          raise StorageError(f"{e}; {checkpoints.complete_words()}") from None
       if stop.signal is not None:
         checkpoints.wait()
         progress.close()
@@ -128,7 +145,8 @@ def use_compilation_cache(directory: str):
 class PendingSteps:
   """Steps dispatched to the device whose metrics the host has not read yet. Reading a step's
   metrics waits for that step only, so the loop reads each one a step late, with the next
-  already queued, except where it keeps the state (eval, checkpoint, the end)."""
+  already queued, except where it keeps the state (eval, checkpoint, the end). A step is read
+  (which waits for it and times it) and then written to the log, with what the loop adds."""
 
   def __init__(self, metrics: MetricsWriter, throughput: Throughput, progress: Progress,
                losses: dict, stop_words):
@@ -136,30 +154,42 @@ class PendingSteps:
         losses
     self.stop_words = stop_words  # () -> the words naming the last good checkpoint
     self.steps: list[tuple[int, dict]] = []
+    self.ready: list[tuple[int, dict]] = []  # read, not yet logged: (step, record)
 
   def add(self, step: int, out: dict):
     self.steps.append((step, out))
 
-  def log(self, keep: int, extra: dict | None = None) -> int:
-    """Reads and logs every pending step but the newest `keep`; `extra` joins the newest
-    logged step's record. Returns the last step logged. A non-finite loss or gradient (the
-    step's `finite`, computed on the device) stops the run."""
-    step = None
+  def read(self, keep: int):
+    """Reads every pending step but the newest `keep`, each when the device has finished it.
+    A non-finite loss or gradient (the step's `finite`, computed on the device) stops the
+    run."""
     while len(self.steps) > keep:
       step, out = self.steps.pop(0)
       values = fetch_metrics(out)
       if not values["finite"]:
         raise ZooError(f"loss became {values['loss']} (gradient norm {values['grad_norm']}) "
                        f"at step {step}; stopping ({self.stop_words()})")
-      self.losses[step] = values["loss"]
-      record = {"loss": values["loss"], **self.throughput.update(step, values)}
+      record = {"loss": values["loss"], **self.throughput.finished(step, values)}
       # a preference run's pair metrics (dpo_loss, rewards, ...), every step as the loss
       record.update({k: v for k, v in values.items() if k in PAIR_METRICS})
-      if len(self.steps) == keep and extra:
+      self.ready.append((step, record))
+
+  def write(self, extra: dict | None = None) -> int | None:
+    """Logs the steps read; `extra` joins the newest one's record. Returns the last step
+    logged."""
+    step = None
+    while self.ready:
+      step, record = self.ready.pop(0)
+      if not self.ready and extra:
         record.update(extra)
+      self.losses[step] = record["loss"]
       self.metrics.write(step, record)
-      self.progress.update(values["loss"])
+      self.progress.update(record["loss"])
     return step
+
+  def log(self, keep: int) -> int | None:
+    self.read(keep)
+    return self.write()
 
 
 def fetch_metrics(out: dict) -> dict:
@@ -175,24 +205,70 @@ def last_checkpoint_words(step: int | None, workdir: str) -> str:
 
 
 def evaluate(trainer: Trainer, params, token_bytes: jax.Array) -> dict:
-  """eval_loss (mean nats per token) and eval_bpb (bits per byte of the text) over
-  train.eval_batches held-out batches; the split repeats if it is smaller, so that every
-  process runs the same number of steps. A preference run's: zoo.train.preference.evaluate."""
+  """Held-out eval, scored as `zoo eval` and tools/bpb.py score text
+  (zoo.infer.evaluate.perplexity): the validation split's documents in order, each on its own
+  (BOS first, no EOS, pieces of data.seq_len predictions packed into rows), as many whole
+  documents as fit in train.eval_batches batches: the whole split when it fits, and then
+  eval_bpb is `zoo eval`'s figure for the run's model on that split. eval_loss: mean nats per
+  predicted token; eval_bpb: the summed nats / ln 2 / the scored documents' UTF-8 bytes;
+  eval_documents and eval_bytes: what was scored, of eval_split_documents. Process i scores
+  documents i, i + n, ...; the processes step together until every one has run out.
+  Instruction data (data.format instruct) is scored as it trains, responses only, through the
+  data pipeline (eval_bpb: over the bytes of the response tokens). A preference run's:
+  zoo.train.preference.evaluate."""
   if trainer.dpo is not None:
     return evaluate_pairs(trainer, params)
-  batches = trainer.run.data("validation")
-  nll = weight = num_bytes = 0.0
-  for _ in range(trainer.run.config.train.eval_batches):
-    out = trainer.eval_step(params, trainer.global_batch(next(batches)), token_bytes,
-                            *trainer.base)
+  run, tcfg = trainer.run, trainer.run.config.train
+  data_cfg = run.config.data
+  nll = weight = 0.0
+  if data_cfg.get("format", "text") != "text":
+    batches, num_bytes = run.data("validation"), 0.0
+    for _ in range(tcfg.eval_batches):  # the split repeats if it is smaller
+      out = trainer.eval_step(params, trainer.global_batch(next(batches)), token_bytes,
+                              *trainer.base)
+      nll += float(out["nll_sum"])
+      weight += float(out["weight"])
+      num_bytes += float(out["bytes"])
+    return {"eval_loss": nll / max(weight, 1.0),
+            "eval_bpb": nll / math.log(2) / max(num_bytes, 1.0)}
+  count, coverage = jax.process_count(), Coverage()
+  batches, split_documents = held_out_batches(
+      data_cfg, run.tokenizer, run.model_config, run.data_dir, max_batches=tcfg.eval_batches,
+      process_index=jax.process_index(), process_count=count, coverage=coverage)
+  while True:
+    batch = next(batches, None)
+    if count > 1:  # step together: one that has run out scores an empty batch
+      if not multihost_utils.process_allgather(np.int32(batch is not None)).any():
+        break
+      if batch is None:
+        batch = empty_batch(data_cfg.batch_size // count, data_cfg.seq_len)
+    elif batch is None:
+      break
+    out = trainer.eval_step(params, trainer.global_batch(batch), token_bytes, *trainer.base)
     nll += float(out["nll_sum"])
     weight += float(out["weight"])
-    num_bytes += float(out["bytes"])
-  return {"eval_loss": nll / max(weight, 1.0), "eval_bpb": nll / math.log(2) / max(num_bytes, 1.0)}
+  totals = np.array([coverage.documents, coverage.bytes], np.int64)
+  if count > 1:
+    totals = multihost_utils.process_allgather(totals).sum(axis=0)
+  documents, num_bytes = (int(t) for t in totals)
+  return {"eval_loss": nll / max(weight, 1.0),
+          "eval_bpb": nll / math.log(2) / max(num_bytes, 1),
+          "eval_documents": documents, "eval_bytes": num_bytes,
+          "eval_split_documents": split_documents}
 
 
 class Throughput:
-  """tokens/s and MFU over the steps since the last log point (train.log_every)."""
+  """tokens/s and MFU over the steps since the last log point (train.log_every), timed on the
+  steps alone.
+
+  The loop reads each step's metrics when the device has finished it, so the time between two
+  reads is the later step's own time, however far the host runs ahead. Left out of it, and
+  logged on their own: the first step after the start or a resume (`first_step_seconds`, from
+  its dispatch to its end: compilation and the runtime's start-up, with `compile_seconds`, the
+  part of it JAX spent compiling), later compilation (`compile_seconds` at the next log point:
+  the first eval's), and the eval and the checkpoint save at the steps that keep the state
+  (`eval_seconds`, `checkpoint_seconds`). The rate counts from the end of the first step.
+  """
 
   def __init__(self, trainer: Trainer):
     config = trainer.run.config
@@ -200,19 +276,83 @@ class Throughput:
     self.peak = (config.train.peak_flops
                  or measure_peak_flops()["peak_flops"] * jax.process_count())
     self.per_token = flops_per_token(trainer.run.model_config, config.data.seq_len)
-    self.start, self.tokens = time.perf_counter(), 0.0
+    self.mark = None  # when the interval being timed began (a step finished, or the first sent)
+    self.first = True  # the first step since the start (or resume) is not finished yet
+    self.tokens = 0.0
+    self.excluded_seconds = 0.0  # eval, checkpoint and compile time within the interval
+    self.compile_seconds = 0.0  # compilation since the last log point
+    self._listening = False
 
-  def update(self, step: int, values: dict) -> dict:
-    """The step's metrics (read: Python numbers) to log beyond the loss: none between log
-    points. The rate counts from when the steps were logged, which trails the device by one
-    step: over a log interval, the same."""
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+    self._listening = True
+    return self
+
+  def __exit__(self, *exc):
+    if self._listening:
+      jax.monitoring.unregister_event_duration_listener(self._on_event)
+      self._listening = False
+
+  def _on_event(self, event: str, seconds: float, **kwargs):
+    if event in COMPILE_EVENTS:
+      self.excluded_seconds += seconds
+      self.compile_seconds += seconds
+
+  def dispatching(self, step: int):
+    """Called just before a step is dispatched: the first one starts the clock."""
+    if self.mark is None:
+      self.mark, self.excluded_seconds, self.compile_seconds = time.perf_counter(), 0.0, 0.0
+
+  def excluded(self) -> _Timer:
+    """A block whose time is left out of the throughput (an eval, a checkpoint save)."""
+    return _Timer(self)
+
+  def finished(self, step: int, values: dict) -> dict:
+    """The step's metrics (read: Python numbers) to log beyond the loss, now that the device
+    has finished it: none between log points."""
+    now = time.perf_counter()
+    logging = not (step % self.every and step != self.last)
+    out = {"lr": values["lr"], "grad_norm": values["grad_norm"]} if logging else {}
+    if self.first:
+      # compilation and the runtime's start-up (allocations, thread pools): not a rate
+      self.first = False
+      out.update(first_step_seconds=now - self.mark, compile_seconds=self.compile_seconds)
+      self.mark, self.excluded_seconds, self.compile_seconds = now, 0.0, 0.0
+      return out
     self.tokens += values["tokens"]
-    if step % self.every and step != self.last:
-      return {}
-    rate = self.tokens / max(time.perf_counter() - self.start, 1e-9)
-    self.start, self.tokens = time.perf_counter(), 0.0
-    return {"lr": values["lr"], "grad_norm": values["grad_norm"],
-            "tokens_per_sec": rate, "mfu": mfu(rate, self.per_token, self.peak)}
+    if not logging:
+      return out
+    seconds = max(now - self.mark - self.excluded_seconds, 1e-9)
+    rate = self.tokens / seconds
+    out.update(tokens_per_sec=rate, mfu=mfu(rate, self.per_token, self.peak))
+    if self.compile_seconds:
+      out["compile_seconds"] = self.compile_seconds
+    self.mark, self.tokens, self.excluded_seconds, self.compile_seconds = now, 0.0, 0.0, 0.0
+    return out
+
+
+# JAX's monitoring events for the parts of compiling a program: tracing, lowering and XLA's
+# compile (which includes a persistent cache lookup that replaces it).
+COMPILE_EVENTS = frozenset({
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+})
+
+
+class _Timer:
+  def __init__(self, throughput: Throughput):
+    self.throughput, self.seconds = throughput, 0.0
+
+  def __enter__(self):
+    self._start, self._compile = time.perf_counter(), self.throughput.compile_seconds
+    return self
+
+  def __exit__(self, *exc):
+    self.seconds = time.perf_counter() - self._start
+    # compilation inside the block is counted once, as compile time
+    inside = self.throughput.compile_seconds - self._compile
+    self.throughput.excluded_seconds += self.seconds - inside
 
 
 class Progress:
