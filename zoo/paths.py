@@ -166,6 +166,11 @@ def push_tree(local: str, remote: str) -> None:
         shutil.copyfileobj(a, b, 16 << 20)
 
 
+def bucket_of(p: str) -> str:
+  """gs://BUCKET of a gs:// path."""
+  return REMOTE + p[len(REMOTE):].split("/")[0]
+
+
 def reason(e: BaseException) -> str:
   """An exception as a few words on one line: its type, and its message if it has one."""
   message = " ".join(str(e).split())[:300]
@@ -184,7 +189,7 @@ def check_reachable(p: str) -> None:
   network, the bucket's name); local paths pass."""
   if not is_remote(p):
     return
-  bucket = REMOTE + p[len(REMOTE):].split("/")[0]
+  bucket = bucket_of(p)
   try:
     found = epath.Path(bucket).exists()
   except Exception as e:  # noqa: BLE001 (auth, network and HTTP errors have many types)

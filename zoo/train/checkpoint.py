@@ -102,8 +102,8 @@ class Checkpointer:
     except ZooError:
       raise
     except Exception as e:  # noqa: BLE001 (orbax, tensorstore, gcsfs and OS errors)
-      where = (paths.REMOTE + self.directory[len(paths.REMOTE):].split("/")[0]
-               if paths.is_remote(self.directory) else self.directory)
+      where = (paths.bucket_of(self.directory) if paths.is_remote(self.directory)
+               else self.directory)
       raise StorageError(f"{doing} in {where} failed ({paths.reason(e)}); "
                          f"{self.complete_words()}") from None
 
